@@ -1,0 +1,1 @@
+"""sae-circuits: attribution circuits (imports interventions and sae)."""

@@ -1,0 +1,1 @@
+"""sae-circuits: intervention API on the SAE-spliced model (imports sae only)."""

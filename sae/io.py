@@ -1,0 +1,33 @@
+"""Small file helpers shared by every writer: atomic writes, so an interrupted or failed write
+never leaves a half-written file under the final name."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success fsync and rename it into place.
+
+    On any error (including disk full) the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def cache_dir(*parts: str) -> Path:
+    """The sae-circuits cache: $SAE_CIRCUITS_CACHE, else ~/.cache/sae-circuits (created)."""
+    root = Path(os.environ.get("SAE_CIRCUITS_CACHE") or Path.home() / ".cache" / "sae-circuits")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
