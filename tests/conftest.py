@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random models of four architectures, and the real SmolLM2 (slow)."""
+import pytest
+import torch
+
+from sae.models import tiny_model
+
+ARCHS = ["llama", "gpt2", "neox", "gemma"]
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny(request):
+    """A 2-layer, 32-wide random model of each architecture."""
+    torch.manual_seed(0)
+    return tiny_model(request.param, n_layers=2, d_model=32)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tiny_model("llama", n_layers=3, d_model=32)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model (first load builds the fast-reload cache, ~25 s)."""
+    from sae.models import load_model
+
+    return load_model()
