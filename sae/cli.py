@@ -23,8 +23,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def cmd_main(args: argparse.Namespace) -> None:
     """Load the model, harvest a few sites of the corpus and print their statistics."""
-    import pandas as pd
-
     from .corpus import load_corpus
     from .harvest import harvest
     from .models import load_model
@@ -41,8 +39,7 @@ def cmd_main(args: argparse.Namespace) -> None:
     table = activation_stats(harvest(model, corpus, args.sites, batch_size=args.batch_size,
                                      progress=not args.no_progress))
     seconds = time.perf_counter() - t1
-    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print(table)
+    print(table.to_string(float_format="{:.3f}".format))
     print(f"harvested {int(table['tokens'].iloc[0]):,} tokens at {len(table)} sites in {seconds:.1f} s")
 
 

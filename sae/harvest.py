@@ -3,7 +3,7 @@
 For a batch of contexts the model runs under an nnsight trace that saves every requested site,
 visiting sites in forward order, and stops the forward right after the deepest one: harvesting
 `resid.L` costs about (L+1)/n_layers of a full forward. Padding positions (attention mask 0)
-and, optionally, BOS positions are dropped, so each batch yields token rows
+and, by default, the first position of every context are dropped, so each batch yields token rows
 
     {site: Tensor[n_tokens, width]}     (row r is the same token at every site)
 
@@ -55,17 +55,20 @@ def as_token_batch(model: Any, contexts: Any) -> tuple[torch.Tensor, torch.Tenso
     return ids.long(), mask.long()
 
 
-def token_mask(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor, exclude_bos: bool) -> torch.Tensor:
-    """[batch, pos] bool: positions to keep (not padding; not a leading BOS if `exclude_bos`)."""
-    keep = attention_mask.bool()
-    bos = model.tokenizer.bos_token_id
-    if exclude_bos and bos is not None:
-        keep[:, 0] &= ids[:, 0] != bos
+def token_mask(attention_mask: torch.Tensor, exclude_first: bool) -> torch.Tensor:
+    """[batch, pos] bool: positions to keep (not padding; not position 0 if `exclude_first`).
+
+    Position 0 holds BOS, or in models without a BOS convention (SmolLM2) an attention-sink
+    token whose residual norm is ~100x the others (23,500 vs 150 at SmolLM2's resid.14); either
+    way it would dominate a dictionary's reconstruction loss."""
+    keep = attention_mask.bool().clone()
+    if exclude_first:
+        keep[:, 0] = False
     return keep
 
 
 def harvest(model: Any, contexts: Any, sites: str | Iterable[str | Site], *, batch_size: int = 8,
-            exclude_bos: bool = True, with_tokens: bool = False, out_device: str | torch.device | None = "cpu",
+            exclude_first: bool = True, with_tokens: bool = False, out_device: str | torch.device | None = "cpu",
             progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {site: [n_tokens, width]} per batch of contexts (see module docstring).
 
@@ -84,7 +87,7 @@ def harvest(model: Any, contexts: Any, sites: str | Iterable[str | Site], *, bat
             batch_ids = ids[lo:lo + batch_size].to(device)
             batch_mask = attention_mask[lo:lo + batch_size].to(device)
             acts = trace_sites(model, batch_ids, batch_mask, chosen)
-            keep = token_mask(model, batch_ids, batch_mask, exclude_bos)
+            keep = token_mask(batch_mask, exclude_first)
             rows = {name: a[keep].to(out_device) if out_device else a[keep] for name, a in acts.items()}
             if with_tokens:
                 rows["tokens"] = batch_ids[keep].to(out_device or device)
@@ -109,7 +112,7 @@ def trace_sites(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def harvest_to_store(model: Any, contexts: Any, sites: str | Iterable[str | Site], directory: Any, *,
-                     contexts_per_shard: int = 64, batch_size: int = 8, exclude_bos: bool = True,
+                     contexts_per_shard: int = 64, batch_size: int = 8, exclude_first: bool = True,
                      dtype: torch.dtype = torch.float32, with_tokens: bool = True,
                      progress: bool = True) -> "ActivationStore":
     """Harvest into an on-disk `ActivationStore`, one shard per `contexts_per_shard` contexts.
@@ -126,7 +129,7 @@ def harvest_to_store(model: Any, contexts: Any, sites: str | Iterable[str | Site
     ids, attention_mask = as_token_batch(model, contexts)
     digest = hashlib.sha256(ids.numpy().tobytes() + attention_mask.numpy().tobytes()).hexdigest()
     meta = {"model": model.name, "contexts": list(ids.shape), "contexts_sha256": digest,
-            "contexts_per_shard": contexts_per_shard, "exclude_bos": exclude_bos}
+            "contexts_per_shard": contexts_per_shard, "exclude_first": exclude_first}
     store = ActivationStore.create(directory, {s.name: s.width for s in chosen}, dtype=dtype,
                                    n_shards=math.ceil(ids.shape[0] / contexts_per_shard), meta=meta,
                                    tokens=with_tokens)
@@ -137,7 +140,7 @@ def harvest_to_store(model: Any, contexts: Any, sites: str | Iterable[str | Site
         for index in todo:
             part = slice(index * contexts_per_shard, (index + 1) * contexts_per_shard)
             batches = list(harvest(model, {"input_ids": ids[part], "attention_mask": attention_mask[part]},
-                                   chosen, batch_size=batch_size, exclude_bos=exclude_bos,
+                                   chosen, batch_size=batch_size, exclude_first=exclude_first,
                                    with_tokens=with_tokens, progress=False))
             store.write_shard(index, {k: torch.cat([b[k] for b in batches]) for k in batches[0]})
             bar.update(int(attention_mask[part].sum()))

@@ -10,7 +10,7 @@ def test_rows_are_the_traced_activations_at_kept_positions(llama):
     texts = ["the cat sat", "a much longer sentence here"]
     batch = llama.tokenize(texts)
     rows = list(harvest(llama, texts, ["resid.0", "mlp_hidden.1"], batch_size=1, progress=False,
-                        with_tokens=True))
+                        with_tokens=True, exclude_first=False))
     got = torch.cat([r["resid.0"] for r in rows])
     with torch.no_grad():
         hidden = llama.hf(**batch, output_hidden_states=True).hidden_states[1]
@@ -21,13 +21,13 @@ def test_rows_are_the_traced_activations_at_kept_positions(llama):
     assert all(r["mlp_hidden.1"].shape[0] == r["resid.0"].shape[0] for r in rows)
 
 
-def test_bos_positions_are_optional(llama):
-    bos = llama.tokenizer.bos_token_id
+def test_first_position_is_dropped_by_default(llama):
     ids = torch.randint(2, 250, (3, 6))
-    ids[:, 0] = bos
-    with_bos = sum(r["resid.0"].shape[0] for r in harvest(llama, ids, "resid.0", exclude_bos=False, progress=False))
-    without = sum(r["resid.0"].shape[0] for r in harvest(llama, ids, "resid.0", progress=False))
-    assert (with_bos, without) == (18, 15)
+    with_first = torch.cat([r["tokens"] for r in harvest(llama, ids, "resid.0", exclude_first=False,
+                                                          with_tokens=True, progress=False)])
+    without = torch.cat([r["tokens"] for r in harvest(llama, ids, "resid.0", with_tokens=True, progress=False)])
+    assert torch.equal(with_first, ids.flatten())
+    assert torch.equal(without, ids[:, 1:].flatten())
 
 
 def test_forward_stops_after_the_deepest_site(llama):
