@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sae.corpus import build_debian_corpus
+from sae.debian_corpus import build_debian_corpus
 
 CHARS_PER_TOKEN = 3.4  # SmolLM2's tokenizer on this corpus (measured: 44.6M characters -> 13.2M tokens)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sae import corpus as C
+from sae import debian_corpus as D
 from sae.corpus import CorpusError, iter_texts, load_corpus
 
 BOS, EOS = 0, 1
@@ -352,7 +353,7 @@ def test_html_to_text_keeps_main_content():
       <p>Some   <b>bold</b>
       text &amp; more.</p><pre>def f():\n    return 1</pre></div>
       <div class="footer">Footer</div></body></html>"""
-    assert C.html_to_text(page) == "Title\n\nSome bold text & more.\n\ndef f():\n    return 1"
+    assert D.html_to_text(page) == "Title\n\nSome bold text & more.\n\ndef f():\n    return 1"
 
 
 def _fake_doc_tree(root: Path) -> None:
@@ -369,7 +370,7 @@ def _fake_doc_tree(root: Path) -> None:
 
 def test_collect_docs_keeps_each_page_once(tmp_path):
     _fake_doc_tree(tmp_path)
-    docs = C._collect_docs(tmp_path)
+    docs = D._collect_docs(tmp_path)
     assert docs == [("pkg-doc/Documentation/notes.txt.gz", "Plain notes."),
                     ("pkg-doc/html/guide.html", "Guide page.")]
 
@@ -389,8 +390,8 @@ def test_build_debian_corpus_from_a_local_deb(tok, tmp_path, monkeypatch):
         shutil.copy(deb, folder)
         return [folder / deb.name]
 
-    monkeypatch.setattr(C, "_apt_download", fake_download)
-    out = C.build_debian_corpus(tmp_path / "out")
+    monkeypatch.setattr(D, "_apt_download", fake_download)
+    out = D.build_debian_corpus(tmp_path / "out")
     assert list(iter_texts(out)) == ["Plain notes.", "Guide page."]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["n_docs"] == 2
     assert not [p for p in Path(os.environ["SAE_CIRCUITS_CACHE"], "debian-docs").iterdir()
