@@ -57,7 +57,7 @@ def memory_probe(n_contexts: int, ctx_len: int, batch_size: int) -> None:
     """Child process: harvest n_contexts and print the peak RSS in MiB."""
     import resource
 
-    from sae.harvest import harvest
+    from sae.harvesting import harvest
     from sae.models import load_model
     from sae.stats import ActivationStats
 
@@ -87,7 +87,7 @@ def main() -> None:
         memory_probe(args.probe, args.ctx_len, args.batch_size)
         return
 
-    from sae.harvest import harvest
+    from sae.harvesting import harvest
     from sae.models import load_model
 
     model = load_model()

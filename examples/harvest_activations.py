@@ -4,8 +4,7 @@
 """
 import argparse
 
-from sae import harvest, load_corpus, load_model
-from sae.harvest import harvest_to_store
+from sae import harvest, harvest_to_store, load_corpus, load_model
 from sae.stats import activation_stats
 
 parser = argparse.ArgumentParser()

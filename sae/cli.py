@@ -24,7 +24,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def cmd_main(args: argparse.Namespace) -> None:
     """Load the model, harvest a few sites of the corpus and print their statistics."""
     from .corpus import load_corpus
-    from .harvest import harvest
+    from .harvesting import harvest
     from .models import load_model
     from .stats import activation_stats
 
@@ -46,7 +46,7 @@ def cmd_main(args: argparse.Namespace) -> None:
 def cmd_harvest(args: argparse.Namespace) -> None:
     """Harvest to a resumable on-disk activation store."""
     from .corpus import load_corpus
-    from .harvest import harvest_to_store
+    from .harvesting import harvest_to_store
     from .models import load_model
 
     model = load_model(args.model, device=args.device)

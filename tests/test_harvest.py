@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sae.harvest import as_token_batch, harvest, harvest_to_store
+from sae.harvesting import as_token_batch, harvest, harvest_to_store
 from sae.store import ActivationStore
 
 

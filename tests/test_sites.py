@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sae import tracing
-from sae.harvest import trace_sites
+from sae.harvesting import trace_sites
 from sae.sites import resolve_sites
 
 

@@ -1,0 +1,24 @@
+"""Every example runs against the current library (small budgets), so examples never drift."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ARGS = {
+    "harvest_activations.py": ["--tokens", "512", "--sites", "resid.2", "mlp_hidden.2", "--store", "{tmp}/store"],
+}
+
+
+def test_every_example_has_smoke_arguments():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(ARGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_example_runs(name, tmp_path):
+    args = [a.format(tmp=tmp_path) for a in ARGS[name]]
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip(), "the example printed nothing"
