@@ -71,6 +71,11 @@ def write(traced: Any, path: str, io: str, tuple_index: int | None, value: Any) 
         node.output = (*out[:tuple_index], value, *out[tuple_index + 1:])
 
 
+def logits(traced: Any) -> Any:
+    """Inside a trace: the model's output logits [batch, pos, vocab] (read after every site)."""
+    return traced.output.logits
+
+
 def save(value: Any) -> Any:
     """Mark a traced value to be kept after the trace exits."""
     import nnsight
