@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sae.dictionary import Dictionary
-from sae.evaluate import evaluate
+from sae.evaluation import evaluate
 from sae.harvesting import harvest
 
 
