@@ -13,34 +13,48 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local directory or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--corpus", default=None, help="txt/jsonl/parquet file or folder (default: embedded corpus)")
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default 128)")
-    p.add_argument("--tokens", type=int, default=8192, help="corpus tokens to harvest (default 8192)")
-    p.add_argument("--sites", nargs="+", default=["embed", "resid.0", "attn.14", "mlp.14", "mlp_hidden.14", "resid.14", "resid.29"],
-                   help="site names or glob patterns, e.g. 'resid.*' (default: a few across the depth)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward (default 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def cmd_main(args: argparse.Namespace) -> None:
-    """Load the model, harvest a few sites of the corpus and print their statistics."""
+    """Train TopK dictionaries on the residual stream at every layer (cached), evaluate, print."""
     from .corpus import load_corpus
-    from .harvesting import harvest
+    from .evaluation import evaluate
+    from .io import cache_dir
     from .models import load_model
-    from .stats import activation_stats
+    from .pipeline import train_at_sites
+    from .training import TrainConfig
 
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
-    corpus = load_corpus(args.corpus, model.tokenizer, ctx_len=args.ctx_len, max_tokens=args.tokens,
-                         max_positions=model.max_positions)
-    print(f"corpus {corpus.name}: {len(corpus)} train contexts x {corpus.ctx_len} tokens "
-          f"(+{len(corpus.heldout)} held out)")
+    per_context = args.ctx_len - 1  # position 0 is neither trained nor evaluated on
+    n_train, n_eval = -(-args.tokens // per_context) + 1, -(-args.eval_tokens // per_context)
+    corpus = load_corpus(args.corpus, model.tokenizer, ctx_len=args.ctx_len, heldout_fraction=n_eval / (n_train + n_eval),
+                         max_tokens=(n_train + n_eval) * args.ctx_len, max_positions=model.max_positions)
+    cfg = TrainConfig(total_tokens=args.tokens, batch_size=args.train_batch, calibration_tokens=8192,
+                      log_every=25, checkpoint_every=50, progress=not args.no_progress,
+                      device="cpu" if model.device.type == "cpu" else str(model.device))
+    directory = args.out or cache_dir("runs", f"{model.name}-{args.sites.replace('*', 'all')}-topk{args.k}"
+                                              f"x{args.expansion}-{args.tokens}")
+    print(f"dictionaries: {directory}")
     t1 = time.perf_counter()
-    table = activation_stats(harvest(model, corpus, args.sites, batch_size=args.batch_size,
-                                     progress=not args.no_progress))
-    seconds = time.perf_counter() - t1
-    print(table.to_string(float_format="{:.3f}".format))
-    print(f"harvested {int(table['tokens'].iloc[0]):,} tokens at {len(table)} sites in {seconds:.1f} s")
+    dicts = train_at_sites(model, corpus.train, args.sites, k=args.k, expansion=args.expansion, cfg=cfg,
+                           directory=directory, harvest_batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"{len(dicts)} dictionaries ready in {time.perf_counter() - t1:.1f} s")
+    t2 = time.perf_counter()
+    table = evaluate(model, dicts, corpus.heldout, tokens=args.eval_tokens, ce_tokens=args.ce_tokens,
+                     batch_size=args.batch_size, progress=not args.no_progress)
+    columns = ["n_latents", "l0", "fvu", "cosine", "dead_frac", "dense_frac", "ce_clean", "ce_spliced",
+               "ce_zero", "ce_recovered", "kl"]
+    print(table[[c for c in columns if c in table]].to_string(float_format="{:.3f}".format))
+    worst = table.attrs["worst_tokens"]
+    if len(worst):
+        print("\ntokens where splicing hurts most:")
+        print(worst.nlargest(5, "loss_increase")[["site", "loss_increase", "text"]].to_string(index=False))
+    print(f"evaluated in {time.perf_counter() - t2:.1f} s; total {time.perf_counter() - t0:.1f} s")
 
 
 def cmd_harvest(args: argparse.Namespace) -> None:
@@ -62,9 +76,20 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("main", help=cmd_main.__doc__, description=cmd_main.__doc__)
     _common(p)
+    p.add_argument("--sites", default="resid.*", help="sites to train, names or a glob (default 'resid.*')")
+    p.add_argument("--tokens", type=int, default=131_072, help="training tokens per site (default 131072; "
+                   "more gives better dictionaries: ~1-2 min per 10k tokens on 2 CPU cores)")
+    p.add_argument("--k", type=int, default=32, help="TopK active latents per token (default 32)")
+    p.add_argument("--expansion", type=int, default=4, help="latents per input dimension (default 4)")
+    p.add_argument("--train-batch", type=int, default=1024, help="tokens per training step (default 1024)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for reconstruction metrics")
+    p.add_argument("--ce-tokens", type=int, default=512, help="held-out tokens for the spliced-CE metrics")
+    p.add_argument("--out", default=None, help="run directory (default: in the sae-circuits cache)")
     p.set_defaults(func=cmd_main)
     p = sub.add_parser("harvest", help=cmd_harvest.__doc__, description=cmd_harvest.__doc__)
     _common(p)
+    p.add_argument("--sites", nargs="+", default=["resid.*"], help="site names or globs (default 'resid.*')")
+    p.add_argument("--tokens", type=int, default=65_536, help="corpus tokens to harvest")
     p.add_argument("--out", required=True, help="store directory (rerun to resume)")
     p.add_argument("--contexts-per-shard", type=int, default=64)
     p.set_defaults(func=cmd_harvest)

@@ -114,8 +114,13 @@ def evaluate(model: Any, dictionaries: Mapping[str, Dictionary], contexts: Any, 
             bar.update(int(keep.sum()))
             if n_ce >= ce_tokens:
                 continue
-            clean_loss = _next_token_losses(clean_logits, ids)
+            # only as many contexts as the CE window still needs: each costs 2 forwards per site
             target_mask = keep[:, 1:] & mask[:, 1:].bool()  # predictions of kept, real tokens
+            rows = int((target_mask.sum(1).cumsum(0) < ce_tokens - n_ce).sum()) + 1
+            ids, mask, keep, target_mask = ids[:rows], mask[:rows], keep[:rows], target_mask[:rows]
+            acts = {name: a[:rows] for name, a in acts.items()}
+            clean_logits = clean_logits[:rows]
+            clean_loss = _next_token_losses(clean_logits, ids)
             ce_clean += float(clean_loss[target_mask].sum())
             n_batch = int(target_mask.sum())
             n_ce += n_batch

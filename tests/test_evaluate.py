@@ -68,6 +68,9 @@ def test_zero_dictionary_recovers_nothing_and_fvu_matches_by_hand(llama, context
 def test_ce_window_and_bad_inputs(llama, contexts):
     table = evaluate(llama, {"resid.0": Scaled(32)}, contexts, ce_tokens=0, progress=False)
     assert "ce_spliced" not in table.columns and table.loc["resid.0", "tokens"] == 54
+    # the CE window takes whole contexts (9 predictions each), no more than it needs
+    assert evaluate(llama, {"resid.0": Scaled(32)}, contexts, ce_tokens=9, progress=False).loc["resid.0", "ce_tokens"] == 9
+    assert evaluate(llama, {"resid.0": Scaled(32)}, contexts, ce_tokens=10, progress=False).loc["resid.0", "ce_tokens"] == 18
     with pytest.raises(ValueError, match="d_in=16 but the site is 32 wide"):
         evaluate(llama, {"resid.0": Scaled(16)}, contexts, progress=False)
     with pytest.raises(ValueError, match="unknown site"):
