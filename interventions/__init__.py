@@ -1,1 +1,33 @@
-"""sae-circuits: intervention API on the SAE-spliced model (imports sae only)."""
+"""sae-circuits, interventions half: the SAE-spliced model and what runs on it (patching,
+ablation, steering). Imports `sae` only. Public names are imported lazily so that
+`import interventions` stays cheap.
+
+    run_spliced(model, {site: Dictionary}, ids, ...) -> SplicedRun    (interventions.spliced)
+    splice(model, {site: Dictionary}, keep_error)(ids, ...)           (the same, bound: SplicedModel)
+    patch_features / ablate_features                                  (interventions.patching)
+    steer / steer_generate                                            (interventions.steering)
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "run_spliced": "interventions.spliced",
+    "SplicedModel": "interventions.spliced",
+    "splice": "interventions.spliced",
+    "SplicedRun": "interventions.spliced",
+    "position_mask": "interventions.spliced",
+    "feature_ids": "interventions.spliced",
+    "patch_features": "interventions.patching",
+    "ablate_features": "interventions.patching",
+    "steer": "interventions.steering",
+    "steer_generate": "interventions.steering",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'interventions' has no attribute {name!r}")

@@ -10,6 +10,12 @@ nnsight 0.8 facts this relies on (see shared notes, nnsight-0.8.md):
 - Modules must be accessed in forward order within one trace; `tracer.stop()` ends the forward
   after the last access (the early-stop exception is swallowed by the trace).
 - `.save()` returns the real tensor after the trace exits.
+- Values computed inside a trace are real tensors in the caller's thread and grad mode, so
+  autograd graphs built there survive the trace: save leaves, run `.backward()` after exit.
+- `model.generate(...)` is a trace over the whole decode loop; `tracer.iter[:n]` binds the body
+  of a `for` loop to the first n forwards (the prompt, then one per new token). An unbounded
+  loop (`tracer.all()`) ends the body early, so generation here always runs a fixed number of
+  steps (`min_new_tokens = max_new_tokens`).
 """
 from __future__ import annotations
 
@@ -30,6 +36,12 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any) -> Any:
         warnings.warn(f"sae-circuits is tested with nnsight=={NNSIGHT_VERSION}, found "
                       f"{nnsight.__version__}; install the pinned version if traces fail", stacklevel=2)
     return TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+
+
+def _installed() -> str:
+    import nnsight
+
+    return nnsight.__version__
 
 
 def envoy(traced: Any, path: str) -> Any:
@@ -86,3 +98,34 @@ def save(value: Any) -> Any:
 def stop(tracer: Any) -> None:
     """End the traced forward here: later modules do not run."""
     tracer.stop()
+
+
+def generate(traced: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int, **kwargs: Any) -> Any:
+    """A traced greedy generation of exactly `max_new_tokens` tokens (EOS does not stop it), to
+    enter with `with ... as tracer:` and step through with `for _ in steps(tracer, n):`."""
+    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    kwargs.setdefault("do_sample", False)
+    # `traced.generate(...)` only returns a tracer when called as the `with` statement itself
+    # (otherwise it just generates), so build the tracer as its wrapper does: a trace whose
+    # traced function is the undecorated `generate`.
+    raw = getattr(type(traced).generate, "__wrapped__", None)
+    if raw is None:
+        raise RuntimeError(f"cannot open a generation trace with nnsight {_installed()}: "
+                           f"sae-circuits is tested with nnsight=={NNSIGHT_VERSION}")
+    method = raw.__get__(traced, type(traced))
+    return traced.trace(inputs, fn=method, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                        **kwargs)
+
+
+def steps(tracer: Any, n: int) -> Any:
+    """Inside a `generate` trace: iterate over its first `n` forwards (the prompt, then one per
+    generated token); reads and writes in the loop body apply to the current forward."""
+    return tracer.iter[:n]
+
+
+def result(tracer: Any) -> Any:
+    """Inside a `generate` trace, after the step loop: the token ids [batch, prompt + new]."""
+    return tracer.result
