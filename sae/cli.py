@@ -20,6 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def cmd_main(args: argparse.Namespace) -> None:
     """Train TopK dictionaries on the residual stream at every layer (cached), evaluate, print."""
+    import pandas as pd
+
     from .corpus import load_corpus
     from .evaluation import evaluate
     from .io import cache_dir
@@ -50,7 +52,7 @@ def cmd_main(args: argparse.Namespace) -> None:
     columns = ["n_latents", "l0", "fvu", "cosine", "dead_frac", "dense_frac", "ce_clean", "ce_spliced",
                "ce_zero", "ce_recovered", "kl"]
     print(table[[c for c in columns if c in table]].to_string(float_format="{:.3f}".format))
-    worst = table.attrs["worst_tokens"]
+    worst = pd.DataFrame(table.attrs["worst_tokens"])
     if len(worst):
         print("\ntokens where splicing hurts most:")
         print(worst.nlargest(5, "loss_increase")[["site", "loss_increase", "text"]].to_string(index=False))

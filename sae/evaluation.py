@@ -19,9 +19,9 @@ evaluation window of `tokens` kept tokens; position 0 and padding are excluded a
     ppl_diff       exp(ce_spliced) - exp(ce_clean)
 
 The CE-family metrics run one traced forward per site for splicing and one for zero-ablation per
-batch, on the first `ce_tokens` tokens. `table.attrs["worst_tokens"]` lists the tokens whose loss
-rises most when each dictionary is spliced in (site, context, position, token, context text,
-loss increase): what the dictionary fails to represent.
+batch, on the first `ce_tokens` tokens. `table.attrs["worst_tokens"]` lists (as records; wrap in
+`pd.DataFrame`) the tokens whose loss rises most when each dictionary is spliced in (site,
+context, position, token, context text, loss increase): what the dictionary fails to represent.
 """
 from __future__ import annotations
 
@@ -184,5 +184,5 @@ def _table(model, sites, dictionaries, sums, ce_clean: float, dense_threshold: f
                                "token": tok.decode(ids[position]),
                                "text": tok.decode(ids[max(0, position - 12):position]) + "[[" + tok.decode(ids[position]) + "]]"})
     table = pd.DataFrame(rows).set_index("site")
-    table.attrs["worst_tokens"] = pd.DataFrame(worst_rows)
+    table.attrs["worst_tokens"] = worst_rows  # records, so tables still concatenate
     return table

@@ -194,6 +194,37 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model
 
 
+def save_saelens(d: Dictionary, path: str | os.PathLike, hook_name: str | None = None) -> Path:
+    """Write `d` as a SAELens checkpoint directory (`cfg.json` + `sae_weights.safetensors`) that
+    SAELens' `load_from_disk` and `load_saelens` read back exactly. Supported: relu ("standard"),
+    topk, jumprelu; the weights are written as they are (already folded, inputs centred by b_dec)."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    names = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+    if d.architecture not in names or getattr(d, "tied", False):
+        raise ValueError(f"SAELens has no equivalent of our {d.architecture!r}"
+                         f"{' (tied)' if getattr(d, 'tied', False) else ''} dictionary; supported: {sorted(names)}")
+    state = {k: v.detach().cpu().float() for k, v in d.state_dict().items()}
+    tensors = {"W_enc": state["W_enc"].T.contiguous(), "W_dec": state["W_dec"].contiguous(),
+               "b_enc": state["b_enc"], "b_dec": state["b_dec"]}
+    if d.architecture == "jumprelu":
+        tensors["threshold"] = state["threshold"]
+    cfg: dict[str, Any] = {"architecture": names[d.architecture], "d_in": d.d_in, "d_sae": d.n_latents,
+                           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+                           "normalize_activations": "none", "hook_name": hook_name or ""}
+    if d.architecture == "topk":
+        cfg.update(k=d.k, rescale_acts_by_decoder_norm=False)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / SAELENS_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(path / SAELENS_CFG) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
 # --- dictionary_learning ---------------------------------------------------------------------
 _DL_CLASSES = ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE",
                "JumpReluAutoEncoder", "GatedAutoEncoder")

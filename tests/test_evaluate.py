@@ -1,6 +1,7 @@
 """Evaluation metrics on a tiny model, checked against hand-computed values."""
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -58,7 +59,7 @@ def test_zero_dictionary_recovers_nothing_and_fvu_matches_by_hand(llama, context
     assert table.loc["attn.1", "mse"] == pytest.approx((0.25 * x.pow(2)).mean().item(), rel=1e-6)
     assert table.loc["attn.1", "ppl_diff"] == pytest.approx(
         math.exp(table.loc["attn.1", "ce_spliced"]) - math.exp(table.loc["attn.1", "ce_clean"]))
-    worst = table.attrs["worst_tokens"]
+    worst = pd.DataFrame(table.attrs["worst_tokens"])
     assert set(worst.site) == {"resid.0", "attn.1"} and (worst.groupby("site").size() == 3).all()
     assert (worst.position >= 1).all()
     assert all(g.loss_increase.is_monotonic_decreasing for _, g in worst.groupby("site"))

@@ -271,3 +271,31 @@ def test_load_any_detects_every_format(W, tmp_path):
         load_any(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         load_any(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("arch,kw", [("relu", {}), ("topk", {"k": 3}), ("jumprelu", {})])
+def test_save_saelens_round_trip(arch, kw, tmp_path):
+    from sae.dictionary import build
+    from sae.formats import load_saelens, save_saelens
+
+    torch.manual_seed(0)
+    d = build(arch, d_in=8, n_latents=16, **kw)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_saelens(d, tmp_path / arch, hook_name="resid.3")
+    cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
+    assert cfg["d_sae"] == 16 and cfg["hook_name"] == "resid.3"
+    back = load_saelens(tmp_path / arch)
+    x = torch.randn(5, 8)
+    assert back.architecture == arch
+    assert torch.allclose(back.encode(x), d.encode(x), atol=1e-6)
+    assert torch.allclose(back(x), d(x), atol=1e-6)
+
+
+def test_save_saelens_refuses_what_saelens_cannot_hold(tmp_path):
+    from sae.dictionary import build
+    from sae.formats import save_saelens
+
+    with pytest.raises(ValueError, match="no equivalent"):
+        save_saelens(build("gated", d_in=4, n_latents=8), tmp_path)
