@@ -234,8 +234,7 @@ def _splice_site(d: Any, x: torch.Tensor, edit: Edit | None, keep_error: bool, g
                  stop: bool, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One site: (output [batch, pos, d_in] in x's dtype, codes, error) per the module docstring."""
     xd = dictionary_tensor(d, x.detach())
-    c0 = d.encode(xd)                                     # [batch, pos, n_latents]
-    x_hat0 = d.decode(c0)                                 # [batch, pos, d_in]
+    c0, x_hat0 = d.encode_and_reconstruct(xd)             # [batch, pos, n_latents], [batch, pos, d_in]
     e0 = xd - x_hat0 if keep_error else torch.zeros_like(xd)
     c, e = c0.detach(), e0.detach()
     if edit is not None:
@@ -245,9 +244,9 @@ def _splice_site(d: Any, x: torch.Tensor, edit: Edit | None, keep_error: bool, g
             raise ValueError(f"the edit at {name} must return (codes {tuple(c0.shape)}, error "
                              f"{tuple(e0.shape)}), got {getattr(c, 'shape', c)!r}, {getattr(e, 'shape', e)!r}")
     if not keep_error:
-        v = (d.decode(c) + e).to(x)
+        v = (x_hat0 + _decoded_change(d, c - c0) + e).to(x)
     elif edit is not None:
-        v = x + (d.decode(c) - x_hat0 + (e - e0)).to(x)
+        v = x + (_decoded_change(d, c - c0) + (e - e0)).to(x)
     else:
         v = x                                             # bit-exact pass-through
     if not grad:
@@ -257,6 +256,13 @@ def _splice_site(d: Any, x: torch.Tensor, edit: Edit | None, keep_error: bool, g
     leaf_terms = ((x_hat - x_hat.detach()) + (e - e.detach())).to(x)
     base = v.detach() if stop else (x if v is x else x + (v - x).detach())
     return base + leaf_terms, c, e
+
+
+def _decoded_change(d: Any, delta: torch.Tensor) -> torch.Tensor:
+    """decode(c + delta) - decode(c) = delta W_dec (decoders are affine), computed from the
+    latents the edit touched only: delta [batch, pos, n_latents] -> [batch, pos, d_in]."""
+    touched = delta.flatten(0, -2).abs().sum(0).nonzero().squeeze(1)  # [m] latents with a change
+    return delta[..., touched] @ d.W_dec[touched]
 
 
 def run_spliced(model: Any, dictionaries: Mapping[str, Any], input_ids: Any,

@@ -158,6 +158,18 @@ class Dictionary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def encode_and_reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [..., n_latents], x_hat [..., d_in]) in one pass. Dictionaries with k-sparse codes
+        (`encode_topk` + `decode_sparse`) decode from the k active latents instead of a dense
+        [.., n_latents] x [n_latents, d_in] product."""
+        sparse_encode = getattr(self, "encode_topk", None)
+        if sparse_encode is None:
+            codes = self.encode(x)
+            return codes, self.decode(codes)
+        values, indices = sparse_encode(x)  # [..., k]
+        codes = torch.zeros(*values.shape[:-1], self.n_latents, dtype=values.dtype, device=values.device)
+        return codes.scatter_(-1, indices, values), self.decode_sparse(values, indices)
+
     def config(self) -> dict[str, Any]:
         return {"d_in": self.d_in, "n_latents": self.n_latents}
 
