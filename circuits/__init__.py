@@ -1,1 +1,34 @@
-"""sae-circuits: attribution circuits (imports interventions and sae)."""
+"""sae-circuits, circuits half: node and edge attribution through spliced dictionaries, and circuit
+graphs (imports `interventions` and `sae`). Public names are imported lazily so that
+`import circuits` stays cheap.
+
+    node_effects(model, {site: Dictionary}, clean, cf, metric, method=...) -> NodeEffects   (circuits.attribution)
+    edge_effects(model, {site: Dictionary}, clean, cf, metric, ...) -> EdgeEffects          (circuits.edges)
+    build_graph(nodes, edges, ...) -> networkx.DiGraph; save_graph / load_graph            (circuits.graph)
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "node_effects": "circuits.attribution",
+    "NodeEffects": "circuits.attribution",
+    "edge_effects": "circuits.edges",
+    "edge_effects_reference": "circuits.edges",
+    "EdgeEffects": "circuits.edges",
+    "build_graph": "circuits.graph",
+    "aggregate_graphs": "circuits.graph",
+    "save_graph": "circuits.graph",
+    "load_graph": "circuits.graph",
+    "to_json": "circuits.graph",
+    "from_json": "circuits.graph",
+    "node_id": "circuits.graph",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'circuits' has no attribute {name!r}")

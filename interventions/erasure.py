@@ -47,8 +47,7 @@ from sae.baselines import IdentityDictionary, PCADictionary
 
 from .leace import LeaceEraser
 from .patching import set_codes
-from .spliced import (Edit, Positions, SplicedRun, check_dictionaries, dictionary_tensor, position_mask,
-                      run_spliced, token_batch)
+from .spliced import Edit, Positions, SplicedRun, check_dictionaries, position_mask, run_spliced, token_batch
 
 METHODS = ("features", "pca", "neurons", "leace", "mean_diff")
 SELECTIONS = ("mean_diff", "attribution")
@@ -67,7 +66,7 @@ class LinearProbe:
     classes: torch.Tensor   # [n_classes] label values
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        xs = (x.double() - self.mean) / self.scale
+        xs = (x.detach().double().to(self.mean.device) - self.mean) / self.scale
         return xs @ self.weight.T + self.bias                         # [n, n_classes]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,9 +266,10 @@ def erase(model: Any, dictionaries: Mapping[str, Any] | None, site: str, inputs:
         raise ValueError(f"method='features' ablates SAE features: pass dictionaries={{{site!r}: sae}}")
     if method in ("features", "pca", "neurons") and k is None:
         raise ValueError(f"method={method!r} ablates k features: pass k=...")
-    d = given if method == "features" else IdentityDictionary(width)
-    if method in ("leace", "mean_diff") and given is not None:
-        d = given
+    # the dictionary spliced at the site: the SAE for "features"; the user's (else the identity) for the
+    # activation-space erasers; the neuron basis or a PCA fitted below for the baselines
+    d = given if method == "features" or (method in ("leace", "mean_diff") and given is not None) \
+        else IdentityDictionary(width)
     check_dictionaries(model, {site: d})
     ids, mask = token_batch(model, inputs, attention_mask)
     real = _real(ids, mask)
@@ -278,9 +278,9 @@ def erase(model: Any, dictionaries: Mapping[str, Any] | None, site: str, inputs:
             raise ValueError(f"method={method!r} fits on labelled activations: pass labels")
         x = run_spliced(model, {site: IdentityDictionary(width)}, ids, mask, logits=False).acts[site]
         where, z = label_positions(labels, ids, mask, positions)
-        eraser = LeaceEraser.fit(x[where].double(), z[where].cpu(), svd_tol=svd_tol,
+        eraser = LeaceEraser.fit(x[where].detach(), z[where].cpu(), svd_tol=svd_tol,
                                  method="leace" if method == "leace" else "orth")
-        return Erasure(site, method, d, eraser=eraser.to(torch.float32), info={"rank": eraser.rank})
+        return Erasure(site, method, d, eraser=eraser, info={"rank": eraser.rank})
     if method == "pca":
         x = run_spliced(model, {site: IdentityDictionary(width)}, ids, mask, logits=False).acts[site]
         d = PCADictionary.fit(x[real].detach())

@@ -40,6 +40,7 @@ from .spliced import (Features, Positions, check_dictionaries, feature_ids, posi
                       token_batch)
 
 ORDERS = ("random", "ascending")
+DEFAULT_TAUS = [10 ** (-5 + 5 * i / 49) for i in range(50)]     # logspace(-5, 0, 50), as in the paper
 Metric = Callable[[torch.Tensor], torch.Tensor]     # logits [batch, pos, vocab] -> [batch] or scalar
 
 
@@ -191,7 +192,7 @@ def search_feature_set(model: Any, dictionaries: Mapping[str, Any], site: str, b
     candidates, batch."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1 candidate per forward, got {batch}")
-    taus = sorted(float(t) for t in (torch.logspace(-5, 0, 50).tolist() if taus is None else taus))
+    taus = sorted(float(t) for t in (DEFAULT_TAUS if taus is None else taus))
     if not taus or any(math.isnan(t) for t in taus):
         raise ValueError("taus must be a non-empty list of thresholds without NaN")
     ev = SetEvaluator(model, dictionaries, site, base, source, target_logits, positions=positions,
@@ -216,8 +217,10 @@ def search_feature_set(model: Any, dictionaries: Mapping[str, Any], site: str, b
     for tau in taus:
         start = ev.forwards
         members = S.nonzero()[:, 0]
-        visit = members[torch.randperm(len(members), generator=gen)] if order == "random" else \
-            members[rank[members].argsort(stable=True)]
+        if isinstance(order, str) and order == "random":
+            visit = members[torch.randperm(len(members), generator=gen)]
+        else:
+            visit = members[rank[members].argsort(stable=True)]
         dropped_any = False
         for i in range(0, len(visit), batch):
             block = visit[i:i + batch]

@@ -262,7 +262,7 @@ def _decoded_change(d: Any, delta: torch.Tensor) -> torch.Tensor:
     """decode(c + delta) - decode(c) = delta W_dec (decoders are affine), computed from the
     latents the edit touched only: delta [batch, pos, n_latents] -> [batch, pos, d_in]."""
     touched = delta.flatten(0, -2).abs().sum(0).nonzero().squeeze(1)  # [m] latents with a change
-    return delta[..., touched] @ d.W_dec[touched]
+    return delta[..., touched] @ d.W_dec[touched].to(delta)
 
 
 def run_spliced(model: Any, dictionaries: Mapping[str, Any], input_ids: Any,

@@ -4,6 +4,9 @@ import torch
 
 from sae.models import tiny_model
 
+# Tiny models are latency-bound: one thread avoids oversubscription on small (and shared) machines.
+torch.set_num_threads(1)
+
 ARCHS = ["llama", "gpt2", "neox", "gemma"]
 
 
