@@ -5,6 +5,10 @@ graphs (imports `interventions` and `sae`). Public names are imported lazily so 
     node_effects(model, {site: Dictionary}, clean, cf, metric, method=...) -> NodeEffects   (circuits.attribution)
     edge_effects(model, {site: Dictionary}, clean, cf, metric, ...) -> EdgeEffects          (circuits.edges)
     build_graph(nodes, edges, ...) -> networkx.DiGraph; save_graph / load_graph            (circuits.graph)
+    render(graph, "circuit.svg")                                                          (circuits.rendering)
+    faithfulness / faithfulness_curve / check_edges / check_nodes                          (circuits.evaluate)
+    trace_feature(model, dicts, inputs, (site, feature)) -> networkx.DiGraph               (circuits.trace)
+    annotate_top_tokens(graph, model, dicts, corpus)                                      (circuits.top_tokens)
 """
 from __future__ import annotations
 
@@ -23,6 +27,21 @@ _EXPORTS = {
     "to_json": "circuits.graph",
     "from_json": "circuits.graph",
     "node_id": "circuits.graph",
+    "render": "circuits.rendering",
+    "to_dot": "circuits.rendering",
+    "GraphvizNotFound": "circuits.rendering",
+    "faithfulness": "circuits.evaluate",
+    "faithfulness_curve": "circuits.evaluate",
+    "CircuitScores": "circuits.evaluate",
+    "ablation_effects": "circuits.evaluate",
+    "check_nodes": "circuits.evaluate",
+    "check_edges": "circuits.evaluate",
+    "ranking_agreement": "circuits.evaluate",
+    "parse_node": "circuits.evaluate",
+    "trace_feature": "circuits.trace",
+    "top_activating_tokens": "circuits.top_tokens",
+    "annotate_top_tokens": "circuits.top_tokens",
+    "label_graph": "circuits.top_tokens",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,6 +22,9 @@ experiments (probability of the correct pronoun among the two).
 """
 from __future__ import annotations
 
+import operator
+from dataclasses import replace
+
 import json
 import string
 import warnings
@@ -229,6 +232,52 @@ def tokenizer_name(tokenizer: Tokenizer) -> str:
 
 
 # --- metrics ------------------------------------------------------------------------------------
+
+class PromptDataset:
+    """What the IOI and pronoun datasets share: a list of aligned prompts (same length, same word
+    positions) with token ids, word indices and the words skipped while building them."""
+
+    prompts: list
+    skipped: dict[str, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, key):
+        """int -> one prompt; slice, index list or LongTensor -> a sub-dataset."""
+        if isinstance(key, slice):
+            return replace(self, prompts=self.prompts[key])
+        try:
+            return self.prompts[operator.index(key)]
+        except TypeError:
+            return replace(self, prompts=[self.prompts[int(i)] for i in key])
+
+    @property
+    def skipped_counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.skipped.items()}
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompts[0].input_ids) if self.prompts else 0
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.prompts]
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [n, seq]
+        return torch.tensor([p.input_ids for p in self.prompts], dtype=torch.long)
+
+    @property
+    def word_idx(self) -> dict[str, torch.Tensor]:
+        """word name -> LongTensor [n] of token positions."""
+        keys = self.prompts[0].word_idx if self.prompts else {}
+        return {k: torch.tensor([p.word_idx[k] for p in self.prompts], dtype=torch.long) for k in keys}
+
+    @property
+    def end_pos(self) -> torch.Tensor:  # [n]
+        return torch.tensor([p.word_idx["END"] for p in self.prompts], dtype=torch.long)
+
 
 def _answer_logits(logits: torch.Tensor, dataset, counterfactual: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.ndim != 3:

@@ -26,7 +26,6 @@ warned about. The embedded lists and templates are our own (in the style of Wang
 """
 from __future__ import annotations
 
-import operator
 import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -127,7 +126,7 @@ class IOIPrompt:
 
 
 @dataclass
-class IOIDataset:
+class IOIDataset(common.PromptDataset):
     """IOI prompts that all tokenize to the same length (see `make_ioi`).
 
     Index with an int for one `IOIPrompt`, with a slice or index list for a sub-dataset (e.g.
@@ -144,18 +143,6 @@ class IOIDataset:
     tokenizer: str
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, key):
-        """int -> one prompt; slice, index list or LongTensor -> a sub-dataset."""
-        if isinstance(key, slice):
-            return replace(self, prompts=self.prompts[key])
-        try:
-            return self.prompts[operator.index(key)]
-        except TypeError:
-            return replace(self, prompts=[self.prompts[int(i)] for i in key])
-
     def __repr__(self) -> str:
         orders = {o: sum(p.order == o for p in self.prompts) for o in ORDERS}
         return (f"IOIDataset({len(self)} prompts of {self.seq_len} tokens, {orders}, "
@@ -163,25 +150,9 @@ class IOIDataset:
                 f"skipped={self.skipped_counts})")
 
     @property
-    def skipped_counts(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.skipped.items()}
-
-    @property
-    def seq_len(self) -> int:
-        return len(self.prompts[0].input_ids) if self.prompts else 0
-
-    @property
-    def texts(self) -> list[str]:
-        return [p.text for p in self.prompts]
-
-    @property
     def cf_texts(self) -> list[str]:
         self._need_cf()
         return [p.cf_text for p in self.prompts]
-
-    @property
-    def input_ids(self) -> torch.Tensor:  # [n, seq]
-        return torch.tensor([p.input_ids for p in self.prompts], dtype=torch.long)
 
     @property
     def cf_input_ids(self) -> torch.Tensor:  # [n, seq]
@@ -195,16 +166,6 @@ class IOIDataset:
     @property
     def s_ids(self) -> torch.Tensor:  # [n]
         return torch.tensor([p.s_id for p in self.prompts], dtype=torch.long)
-
-    @property
-    def word_idx(self) -> dict[str, torch.Tensor]:
-        """{"IO", "S1", "S2", "PLACE", "OBJECT", "END"} -> LongTensor [n] of token positions."""
-        keys = self.prompts[0].word_idx if self.prompts else {}
-        return {k: torch.tensor([p.word_idx[k] for p in self.prompts], dtype=torch.long) for k in keys}
-
-    @property
-    def end_pos(self) -> torch.Tensor:  # [n]
-        return torch.tensor([p.word_idx["END"] for p in self.prompts], dtype=torch.long)
 
     def answer_ids(self, counterfactual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(correct, wrong) token ids [n] each: (IO, S), or the counterfactual's (C, S)."""

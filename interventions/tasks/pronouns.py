@@ -18,7 +18,6 @@ continues them with a pronoun (accuracy >= 0.94 on 32-48 prompts each); the name
 """
 from __future__ import annotations
 
-import operator
 import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -64,7 +63,7 @@ class PronounPrompt:
 
 
 @dataclass
-class PronounDataset:
+class PronounDataset(common.PromptDataset):
     """Balanced pronoun prompts of one token length (see `make_pronouns`).
 
     names: {"train": {"male": [...], "female": [...]}, "heldout": {...}}, disjoint by
@@ -80,18 +79,6 @@ class PronounDataset:
     tokenizer: str
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, key):
-        """int -> one prompt; slice, index list or LongTensor -> a sub-dataset."""
-        if isinstance(key, slice):
-            return replace(self, prompts=self.prompts[key])
-        try:
-            return self.prompts[operator.index(key)]
-        except TypeError:
-            return replace(self, prompts=[self.prompts[int(i)] for i in key])
-
     def __repr__(self) -> str:
         counts = {s: sum(p.split == s for p in self.prompts) for s in SPLITS}
         return (f"PronounDataset({len(self)} prompts of {self.seq_len} tokens, {counts}, "
@@ -104,33 +91,8 @@ class PronounDataset:
         return replace(self, prompts=[p for p in self.prompts if p.split == which])
 
     @property
-    def skipped_counts(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.skipped.items()}
-
-    @property
-    def seq_len(self) -> int:
-        return len(self.prompts[0].input_ids) if self.prompts else 0
-
-    @property
-    def texts(self) -> list[str]:
-        return [p.text for p in self.prompts]
-
-    @property
-    def input_ids(self) -> torch.Tensor:  # [n, seq]
-        return torch.tensor([p.input_ids for p in self.prompts], dtype=torch.long)
-
-    @property
     def labels(self) -> torch.Tensor:  # [n], +1 he / -1 she
         return torch.tensor([p.label for p in self.prompts], dtype=torch.long)
-
-    @property
-    def word_idx(self) -> dict[str, torch.Tensor]:
-        keys = self.prompts[0].word_idx if self.prompts else {}
-        return {k: torch.tensor([p.word_idx[k] for p in self.prompts], dtype=torch.long) for k in keys}
-
-    @property
-    def end_pos(self) -> torch.Tensor:  # [n]
-        return torch.tensor([p.word_idx["END"] for p in self.prompts], dtype=torch.long)
 
     def answer_ids(self, counterfactual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(correct, wrong) pronoun ids [n] each, so `logit_diff` is the label-signed he - she."""
