@@ -1,4 +1,6 @@
-"""Command line: `python -m sae.cli main` (the README's main job) and `python -m sae.cli harvest`.
+"""Command line of the dictionaries half: `python -m sae.cli train` (TopK SAEs at many sites,
+cached, then the evaluation table) and `python -m sae.cli harvest` (an on-disk activation store).
+The README's main job, `python -m circuits.main`, runs `train` and then traces an IOI circuit.
 
 Every subcommand is a thin layer over the Python API, so scripts and the CLI cannot drift.
 """
@@ -18,8 +20,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def cmd_main(args: argparse.Namespace) -> None:
-    """Train TopK dictionaries on the residual stream at every layer (cached), evaluate, print."""
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `train_and_evaluate` (shared with the circuits main job)."""
+    _common(p)
+    p.add_argument("--sites", default="resid.*", help="sites to train, names or a glob (default 'resid.*')")
+    p.add_argument("--tokens", type=int, default=131_072, help="training tokens per site (default 131072; "
+                   "more gives better dictionaries at ~1 min per 10k tokens for 30 sites on 2 CPU cores)")
+    p.add_argument("--k", type=int, default=32, help="TopK active latents per token (default 32)")
+    p.add_argument("--expansion", type=int, default=4, help="latents per input dimension (default 4)")
+    p.add_argument("--train-batch", type=int, default=1024, help="tokens per training step (default 1024)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for reconstruction metrics")
+    p.add_argument("--ce-tokens", type=int, default=512, help="held-out tokens for the spliced-CE metrics")
+    p.add_argument("--runs", default=None, help="dictionary run directory (default: in the sae-circuits cache)")
+
+
+def train_and_evaluate(args: argparse.Namespace):
+    """Load the model and corpus, train (or load cached) TopK dictionaries at `args.sites`,
+    evaluate them on held-out text and print the table. Returns (model, corpus, dicts, table)."""
     import pandas as pd
 
     from .corpus import load_corpus
@@ -39,8 +56,8 @@ def cmd_main(args: argparse.Namespace) -> None:
     cfg = TrainConfig(total_tokens=args.tokens, batch_size=args.train_batch, calibration_tokens=8192,
                       log_every=25, checkpoint_every=50, progress=not args.no_progress,
                       device="cpu" if model.device.type == "cpu" else str(model.device))
-    directory = args.out or cache_dir("runs", f"{model.name}-{args.sites.replace('*', 'all')}-topk{args.k}"
-                                              f"x{args.expansion}-{args.tokens}")
+    directory = args.runs or cache_dir("runs", f"{model.name}-{args.sites.replace('*', 'all')}-topk{args.k}"
+                                               f"x{args.expansion}-{args.tokens}")
     print(f"dictionaries: {directory}")
     t1 = time.perf_counter()
     dicts = train_at_sites(model, corpus.train, args.sites, k=args.k, expansion=args.expansion, cfg=cfg,
@@ -56,7 +73,8 @@ def cmd_main(args: argparse.Namespace) -> None:
     if len(worst):
         print("\ntokens where splicing hurts most:")
         print(worst.nlargest(5, "loss_increase")[["site", "loss_increase", "text"]].to_string(index=False))
-    print(f"evaluated in {time.perf_counter() - t2:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    print(f"evaluated in {time.perf_counter() - t2:.1f} s")
+    return model, corpus, dicts, table
 
 
 def cmd_harvest(args: argparse.Namespace) -> None:
@@ -76,18 +94,10 @@ def cmd_harvest(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sae-circuits", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("main", help=cmd_main.__doc__, description=cmd_main.__doc__)
-    _common(p)
-    p.add_argument("--sites", default="resid.*", help="sites to train, names or a glob (default 'resid.*')")
-    p.add_argument("--tokens", type=int, default=131_072, help="training tokens per site (default 131072; "
-                   "more gives better dictionaries: ~1-2 min per 10k tokens on 2 CPU cores)")
-    p.add_argument("--k", type=int, default=32, help="TopK active latents per token (default 32)")
-    p.add_argument("--expansion", type=int, default=4, help="latents per input dimension (default 4)")
-    p.add_argument("--train-batch", type=int, default=1024, help="tokens per training step (default 1024)")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for reconstruction metrics")
-    p.add_argument("--ce-tokens", type=int, default=512, help="held-out tokens for the spliced-CE metrics")
-    p.add_argument("--out", default=None, help="run directory (default: in the sae-circuits cache)")
-    p.set_defaults(func=cmd_main)
+    p = sub.add_parser("train", help=train_and_evaluate.__doc__.split("\n")[0],
+                       description=train_and_evaluate.__doc__)
+    add_train_arguments(p)
+    p.set_defaults(func=train_and_evaluate)
     p = sub.add_parser("harvest", help=cmd_harvest.__doc__, description=cmd_harvest.__doc__)
     _common(p)
     p.add_argument("--sites", nargs="+", default=["resid.*"], help="site names or globs (default 'resid.*')")
