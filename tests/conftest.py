@@ -1,4 +1,10 @@
 """Shared fixtures: tiny random models of four architectures, and the real SmolLM2 (slow)."""
+import os
+
+# Tests never reach a model or dataset hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 
