@@ -9,6 +9,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARGS = {
     "harvest_activations.py": ["--tokens", "512", "--sites", "resid.2", "mlp_hidden.2", "--store", "{tmp}/store"],
     "train_dictionaries.py": ["--sites", "resid.2", "--tokens", "2048", "--eval-tokens", "256", "--k", "8", "--out", "{tmp}/run"],
+    "circuit_for_prompt.py": ["--sites", "resid.2", "resid.5", "--train-tokens", "4096", "--corpus-tokens", "2048", "--top-k", "4", "--out", "{tmp}/circuit"],
 }
 
 
