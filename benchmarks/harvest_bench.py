@@ -9,7 +9,7 @@ machine is shared and noisy:
    through all blocks (without it); expected about (L+1)/n_layers of the latter.
 3. memory: peak RSS of a harvest over N and 4N contexts, each in a fresh process. Target: equal.
 
-    python benchmarks/harvest_bench.py [--batches 3] [--batch-size 8] [--ctx-len 128] [--reps 3]
+    python benchmarks/harvest_bench.py [--batches 2] [--batch-size 8] [--ctx-len 128] [--reps 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--layers", type=int, nargs="+", default=[0, 7, 14, 22, 29])
     p.add_argument("--memory-contexts", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is least disturbed by other load)")
     p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
