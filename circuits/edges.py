@@ -19,16 +19,29 @@ resid.L; attn.L -> mlp.L (sequential blocks), resid.L; mlp.L -> resid.L. Extra p
   is spliced, input/<pos> -> embed node edges are the embed nodes' own AtP effects at pos.
 - metric: the edge u -> metric is u's DIRECT effect on m (grad of m with all sites held fixed).
 
-Computation (the circuit-tracer trick; Ameisen et al. 2025, "Circuit Tracing"): one forward on the
-batch repeated K times, every spliced site a gradient leaf with `stop_grad` (see
-`interventions.spliced`: a stopped site passes gradient only through its codes and error, so a
-leaf's gradient is the direct path), downstream codes re-encoded in the graph
-(c_d = encode(x_d), e_d = x_d - decode(c_d)); then one backward per K downstream nodes: row block
-k carries node k's cotangent (grad_d m at d's coordinates, zero elsewhere), and rows do not
-interact, so each block's leaf gradients are the VJP for its own node. The graph is retained
-between backwards, so one forward serves every node. K = rows_per_backward // batch (at least 1).
+Computation: one forward of the clean batch with every spliced site a gradient leaf with
+`stop_grad` (see `interventions.spliced`: a stopped site passes gradient only through its codes
+and error, so a leaf's gradient is the direct path), downstream codes re-encoded in the graph
+(c_d = encode(x_d), e_d = x_d - decode(c_d)); its graph is retained and serves every backward.
 `edge_effects_reference` is the plain algorithm (Marks et al.'s code): one backward per
-downstream node; both count their backwards (`n_backwards`, including the clean-gradient one).
+downstream node. `edge_effects` takes K = rows_per_backward // batch (at least 1)
+downstream nodes per backward (the circuit-tracer idea, Ameisen et al. 2025, "Circuit Tracing":
+one VJP per node, many per pass) as a vmapped backward (`torch.autograd.grad(...,
+is_grads_batched=True)`): slot k carries node k's cotangent (grad_d m at d's coordinates, zero
+elsewhere), so the K VJPs share one pass over the graph of the b clean rows instead of a K-fold
+repeated forward. The nodes of one backward are grouped by site; groups of different sites share
+the slots when their upstream sites (found by walking the autograd graph) are disjoint, e.g.
+consecutive resid.L sites, since their leaf gradients cannot mix; a group that shares an upstream
+site with another (attn.L and mlp.L both reach resid.{L-1}) runs in another copy of the forward
+(b rows, stopped after its site; logits only for the metric). Each group's backward spans only
+its own graph segment: from its site down to the nearest spliced sites. Both count their
+backwards (`n_backwards`: the clean-gradient one + one per K nodes; the reference one per node).
+
+Memory: the retained graph is that of the b clean rows (like the reference's), plus one such
+graph per extra copy (at most the number of sites in one backward, none for resid-only sites);
+a backward allocates temporaries of about V x b rows of one segment (V = the largest group, at
+most K), freed afterwards. Peak memory hence grows with rows_per_backward through the backward
+temporaries only, not through the retained graph.
 
 Positions: per_position=True keeps (pos, node) pairs; otherwise the downstream node is the feature
 at all positions (its cotangent covers every position) and upstream positions are summed: the
@@ -38,6 +51,7 @@ ReLU, TopK, JumpReLU and gated encoders have zero Jacobian there, so their edges
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -128,40 +142,36 @@ class _Collector:
         last = max(len(self.order) if s == METRIC else self.order.index(s) for s in down_sites)
         return self.order[:last]
 
-    def add(self, chunk: list[tuple[str, int, int]], grads: dict[str, tuple], b: int) -> None:
-        """Contract block k's leaf gradients with the upstream deltas and file them under the
-        edge (u -> chunk[k]); feature-to-feature weights are kept sparse (nonzeros only)."""
-        K = len(chunk)
-        by_site: dict[str, list[int]] = {}
-        for k, (s, _, _) in enumerate(chunk):
-            by_site.setdefault(s, []).append(k)
+    def add(self, s: str, nodes: list[tuple[int, int]], grads: dict[str, tuple]) -> None:
+        """File the leaf gradients of m downstream nodes of site s (slot k: nodes[k] = (position or
+        -1, index)) under the edges (u -> s): grads[u] = (codes [>= m, b, p, n_u], errors [>= m, b,
+        p, d_u]) holds only the upstream sites with a path to s. Feature-to-feature weights are
+        kept sparse (nonzeros only)."""
+        m = len(nodes)
         for u, (gc, ge) in grads.items():
-            p, n = gc.shape[1], gc.shape[2]
-            contrib = nodes_of(gc[:K * b].view(K, b, p, n), ge[:K * b].view(K, b, p, -1),
-                               self.dc[u][None], self.de[u][None]).sum(1).detach()   # [K, p, n_u + 1]
-            for s, ks in by_site.items():
-                if s != METRIC and self.order.index(u) >= self.order.index(s):
+            if s != METRIC and self.order.index(u) >= self.order.index(s):
+                continue
+            rows = nodes_of(gc[:m], ge[:m], self.dc[u][None], self.de[u][None]).sum(1).detach()  # [m, p, n_u + 1]
+            p = rows.shape[1]
+            if u == INPUT_SITE and self.pseudo:
+                vec = rows.sum(-1)                                                      # [m, p]
+                if s == METRIC:
+                    self.input_to_metric = self.input_to_metric + vec.sum(0)
                     continue
-                rows = contrib[ks]                                                  # [m, p, n_u + 1]
-                if u == INPUT_SITE and self.pseudo:
-                    vec = rows.sum(-1)                                              # [m, p]
-                    if s == METRIC:
-                        self.input_to_metric = self.input_to_metric + vec.sum(0)
-                        continue
-                    if s not in self.from_input:
-                        n_s = self.dicts[s].n_latents + 1
-                        self.from_input[s] = vec.new_zeros((p, n_s, p) if self.pp else (n_s, p))
-                    for (_, q, j), v in zip([chunk[k] for k in ks], vec):
-                        self.from_input[s][(q, j) if self.pp else j] += v
-                elif s == METRIC:
-                    self.to_metric[u] = self.to_metric.get(u, 0.0) + (rows[0] if self.pp else rows[0].sum(0))
-                else:
-                    down = torch.tensor([[q, j] if self.pp else [j] for _, q, j in (chunk[k] for k in ks)],
-                                        dtype=torch.long, device=rows.device)       # [m, 1 or 2]
-                    rows = rows if self.pp else rows.sum(1)                         # [m, (p,) n_u + 1]
-                    nz = rows.nonzero()                                             # [nnz, 1 + up dims]
-                    index = torch.cat([down[nz[:, 0]], nz[:, 1:]], 1).T.cpu()
-                    self.parts.setdefault((u, s), []).append((index, rows[tuple(nz.T)].cpu()))
+                if s not in self.from_input:
+                    n_s = self.dicts[s].n_latents + 1
+                    self.from_input[s] = vec.new_zeros((p, n_s, p) if self.pp else (n_s, p))
+                for (q, j), v in zip(nodes, vec):
+                    self.from_input[s][(q, j) if self.pp else j] += v
+            elif s == METRIC:
+                self.to_metric[u] = self.to_metric.get(u, 0.0) + (rows[0] if self.pp else rows[0].sum(0))
+            else:
+                down = torch.tensor([[q, j] if self.pp else [j] for q, j in nodes],
+                                    dtype=torch.long, device=rows.device)               # [m, 1 or 2]
+                rows = rows if self.pp else rows.sum(1)                                 # [m, (p,) n_u + 1]
+                nz = rows.nonzero()                                                     # [nnz, 1 + up dims]
+                index = torch.cat([down[nz[:, 0]], nz[:, 1:]], 1).T.cpu()
+                self.parts.setdefault((u, s), []).append((index, rows[tuple(nz.T)].cpu()))
 
 
 def _queue(dicts, clean, mask, nodes, per_position, skip_inactive) -> list[tuple[str, int, int]]:
@@ -193,6 +203,127 @@ def _queue(dicts, clean, mask, nodes, per_position, skip_inactive) -> list[tuple
     return queue + [(METRIC, -1, -1)]
 
 
+class _Graph:
+    """One forward of the b clean rows with every spliced site a `stop_grad` leaf, kept for many
+    backwards: leaves (run.codes, run.errors), downstream codes and errors re-encoded in the graph
+    and, with logits, the metric [1, b]. sites: a prefix of the forward order (the forward stops
+    after the last one when there are no logits)."""
+
+    def __init__(self, model, dicts, sites, ids, mask, call, rows, logits):
+        sub = {s: dicts[s] for s in sites}
+        self.run = run_spliced(model, sub, ids, mask.long(), grad=True, stop_grad=True, logits=logits)
+        self.values, self.errors = _downstream_values(sub, self.run)
+        self.m = call(self.run.logits, ids.shape[0], rows) if logits else None   # [1, b]
+
+    def outputs(self, s: str) -> list[torch.Tensor]:
+        return [self.m] if s == METRIC else [self.values[s], self.errors[s]]
+
+
+def _reach(outputs: list[torch.Tensor], leaf_site: dict[int, str]) -> set[str]:
+    """The spliced sites whose leaves the autograd graph of `outputs` reaches: the upstream sites
+    with a direct path (every spliced site is `stop_grad`, so the walk ends at the nearest ones)."""
+    found: set[str] = set()
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)   # AccumulateGrad: a leaf
+        if var is not None:
+            if id(var) in leaf_site:
+                found.add(leaf_site[id(var)])
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def _chunks(queue, K):
+    """ceil(len(queue) / K) backwards of at most K nodes. The metric (last in the queue) backward
+    runs through the last layers and the unembedding, once per vmap slot of its backward: its
+    backward gets the r - 1 other nodes that do not fill whole backwards, taken from the ends of
+    as many sites as possible (groups of one, one slot when their upstream sites are disjoint);
+    the rest fill the others in queue order."""
+    r = len(queue) - (len(queue) - 1) // K * K           # nodes of the metric's backward
+    rest, tail = list(queue[:-1]), []
+    while len(tail) < r - 1:
+        by_site: dict[str, int] = {}
+        for i, (s, _, _) in enumerate(rest):
+            by_site[s] = i                                 # last node of each site
+        for i in sorted(by_site.values(), reverse=True)[:r - 1 - len(tail)]:
+            tail.append(rest.pop(i))
+    return [rest[i:i + K] for i in range(0, len(rest), K)] + [tail[::-1] + queue[-1:]]
+
+
+def _plan(queue, K, reach):
+    """Backwards of at most K downstream nodes (`_chunks`), each split into one group per site. Groups of one backward whose upstream
+    sites (reach) are disjoint share a graph copy and its vmap slots (their leaf gradients cannot
+    mix); a group that shares an upstream site with another goes to another copy, so that every
+    leaf gradient comes from one group. -> [[(copy, site, [(position or -1, index)])]]."""
+    plan = []
+    for chunk in _chunks(queue, K):
+        groups: dict[str, list[tuple[int, int]]] = {}
+        for s, q, j in chunk:
+            groups.setdefault(s, []).append((q, j))
+        used: list[set[str]] = []
+        entries = []
+        for s, nodes in groups.items():
+            r = reach(s)
+            c = next((c for c, u in enumerate(used) if not (u & r)), len(used))
+            if c == len(used):
+                used.append(set())
+            used[c] |= r
+            entries.append((c, s, nodes))
+        plan.append(entries)
+    return plan
+
+
+def _cotangents(g: _Graph, s: str, nodes, V, left_c, left_e):
+    """(outputs, cotangents [V, *output shape]) of site s's group: slot k carries node k's
+    cotangent (grad_d m at d's coordinates, zero elsewhere)."""
+    if s == METRIC:
+        cot = torch.zeros((V, *g.m.shape), dtype=g.m.dtype, device=g.m.device)
+        cot[0] = 1
+        return [g.m], [cot]
+    n = left_c[s].shape[-1]
+    outs, cots = [], []
+    if any(j < n for _, j in nodes):
+        cot = g.values[s].new_zeros((V, *g.values[s].shape))
+        for k, (q, j) in enumerate(nodes):
+            at = slice(None) if q < 0 else q
+            if j < n:
+                cot[k, :, at, j] = left_c[s][:, at, j]
+        outs.append(g.values[s])
+        cots.append(cot)
+    if any(j == n for _, j in nodes):
+        cot = g.errors[s].new_zeros((V, *g.errors[s].shape))
+        for k, (q, j) in enumerate(nodes):
+            at = slice(None) if q < 0 else q
+            if j == n:
+                cot[k, :, at, :] = left_e[s][:, at, :]
+        outs.append(g.errors[s])
+        cots.append(cot)
+    return outs, cots
+
+
+def _vjp(outs, leaves, cots, V):
+    """Leaf gradients [V, *leaf shape] of V cotangents in one backward: a vmapped backward
+    (is_grads_batched) over the graph of the b clean rows, or a plain one when V == 1."""
+    if V == 1:
+        got = torch.autograd.grad(outs, leaves, [c[0] for c in cots], retain_graph=True, allow_unused=True)
+        return [None if g is None else g[None] for g in got], 1
+    try:
+        got = torch.autograd.grad(outs, leaves, cots, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        return list(got), 1
+    except RuntimeError as err:  # an op of the model without a batching rule: one backward per slot
+        warnings.warn(f"batched VJP failed ({err}); falling back to one backward per node", RuntimeWarning)
+        per = [torch.autograd.grad(outs, leaves, [c[k] for c in cots], retain_graph=True, allow_unused=True)
+               for k in range(V)]
+        got = [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(leaves))]
+        return got, V
+
+
 def _edge_chunk(model, dicts, pseudo, ids, cf_ids, mask, call, rows, nodes, per_position, skip_inactive,
                 rows_per_backward):
     """Edges of one chunk of examples. rows_per_backward=None: the unbatched reference."""
@@ -206,44 +337,64 @@ def _edge_chunk(model, dicts, pseudo, ids, cf_ids, mask, call, rows, nodes, per_
         cf = run_spliced(model, dicts, cf_ids, mask.long())
     col = _Collector(dicts, pseudo, order, clean, cf, mask, per_position)
     queue = _queue(dicts, clean, mask, nodes, per_position, skip_inactive)
-    K = 1 if rows_per_backward is None else max(1, min(len(queue), rows_per_backward // b))
-    run = run_spliced(model, dicts, ids.repeat(K, 1), mask.repeat(K, 1).long(), grad=True, stop_grad=True)
-    values, errors = _downstream_values(dicts, run)
-    m = call(run.logits, b, rows)                                            # [K, b]
+    main = _Graph(model, dicts, order, ids, mask, call, rows, logits=True)
     backwards = 1
-    for i in range(0, len(queue), K):
-        chunk = queue[i:i + K]
-        if rows_per_backward is None:  # reference: index the node, one scalar per backward
-            s, q, j = chunk[0]
+    if rows_per_backward is None:  # reference: index the node, one scalar per backward
+        for s, q, j in queue:
             at = slice(None) if q < 0 else q
             if s == METRIC:
-                loss = m.sum()
+                loss = main.m.sum()
             elif j < left_c[s].shape[-1]:
-                loss = (values[s][:, at, j] * left_c[s][:, at, j]).sum()
+                loss = (main.values[s][:, at, j] * left_c[s][:, at, j]).sum()
             else:
-                loss = (errors[s][:, at, :] * left_e[s][:, at, :]).sum()
-        else:                           # batched: a cotangent tensor per site, one block per node
-            cot_c = {s: torch.zeros_like(values[s]) for s, _, _ in chunk if s != METRIC}
-            cot_e = {s: torch.zeros_like(errors[s]) for s in cot_c}
-            cot_m = torch.zeros_like(m)
-            for k, (s, q, j) in enumerate(chunk):
-                blk, at = slice(k * b, (k + 1) * b), slice(None) if q < 0 else q
-                if s == METRIC:
-                    cot_m[k] = 1
-                elif j < left_c[s].shape[-1]:
-                    cot_c[s][blk, at, j] = left_c[s][:, at, j]
-                else:
-                    cot_e[s][blk, at, :] = left_e[s][:, at, :]
-            loss = (m * cot_m).sum() + sum((values[s] * cot_c[s]).sum() + (errors[s] * cot_e[s]).sum()
-                                           for s in cot_c)
-        ups = col.upstream([s for s, _, _ in chunk])
-        leaves = [t for u in ups for t in (run.codes[u], run.errors[u])]
-        got = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
-        backwards += 1
-        grads = {u: (g_c if g_c is not None else torch.zeros_like(run.codes[u]),
-                     g_e if g_e is not None else torch.zeros_like(run.errors[u]))
-                 for u, g_c, g_e in zip(ups, got[0::2], got[1::2]) if g_c is not None or g_e is not None}
-        col.add(chunk, grads, b)
+                loss = (main.errors[s][:, at, :] * left_e[s][:, at, :]).sum()
+            ups = col.upstream([s])
+            leaves = [t for u in ups for t in (main.run.codes[u], main.run.errors[u])]
+            got = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+            backwards += 1
+            grads = {u: ((torch.zeros_like(main.run.codes[u]) if g_c is None else g_c)[None],
+                         (torch.zeros_like(main.run.errors[u]) if g_e is None else g_e)[None])
+                     for u, g_c, g_e in zip(ups, got[0::2], got[1::2]) if g_c is not None or g_e is not None}
+            col.add(s, [(q, j)], grads)
+    else:
+        leaf_site = {id(t): u for u in order for t in (main.run.codes[u], main.run.errors[u])}
+        reached: dict[str, list[str]] = {}
+
+        def reach(s: str) -> set[str]:
+            if s not in reached:
+                r = _reach(main.outputs(s), leaf_site)
+                reached[s] = [u for u in order if u in r]
+            return set(reached[s])
+
+        K = max(1, min(len(queue), rows_per_backward // b))
+        plan = _plan(queue, K, reach)
+        need: dict[int, tuple[int, bool]] = {}   # extra copy -> (deepest site's index, has the metric)
+        for entries in plan:
+            for c, s, _ in entries:
+                deep, has_m = need.get(c, (-1, False))
+                need[c] = (len(order) - 1 if s == METRIC else max(deep, order.index(s)), has_m or s == METRIC)
+        graphs = {c: main if c == 0 else _Graph(model, dicts, order[:deep + 1], ids, mask, call, rows, has_m)
+                  for c, (deep, has_m) in need.items()}
+        for entries in plan:
+            V = max(len(nodes) for _, _, nodes in entries)
+            outs, cots, leaves = [], [], []
+            for c, s, nodes in entries:
+                o, t = _cotangents(graphs[c], s, nodes, V, left_c, left_e)
+                outs += o
+                cots += t
+                leaves += [t for u in reached[s] for t in (graphs[c].run.codes[u], graphs[c].run.errors[u])]
+            got, n_bw = _vjp(outs, leaves, cots, V)
+            backwards += n_bw
+            at = 0
+            for c, s, nodes in entries:
+                run = graphs[c].run
+                grads = {}
+                for u in reached[s]:
+                    g_c, g_e = got[at], got[at + 1]
+                    at += 2
+                    grads[u] = (run.codes[u].new_zeros((V, *run.codes[u].shape)) if g_c is None else g_c,
+                                run.errors[u].new_zeros((V, *run.errors[u].shape)) if g_e is None else g_e)
+                col.add(s, nodes, grads)
     if not pseudo:  # input/<pos> -> embed nodes: the embed nodes' own AtP effects at pos
         eff = nodes_of(left_c[INPUT_SITE], left_e[INPUT_SITE], col.dc[INPUT_SITE],
                        col.de[INPUT_SITE]).detach().sum(0)                  # [p, n + 1]
@@ -304,11 +455,13 @@ def _run(model, dictionaries, clean, counterfactual, metric, nodes, per_position
 def edge_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counterfactual: Any,
                  metric: Callable[..., torch.Tensor], *, nodes: Mapping[str, torch.Tensor] | None = None,
                  per_position: bool = False, attention_mask: torch.Tensor | None = None,
-                 batch_size: int | None = None, rows_per_backward: int = 256,
+                 batch_size: int | None = None, rows_per_backward: int = 64,
                  skip_inactive: bool = True) -> EdgeEffects:
     """Edge weights between the nodes of the spliced sites, the input and the metric (module
     docstring), with batched VJPs: each backward expands rows_per_backward // batch downstream
-    nodes. nodes: {site: bool mask like its node effects} of the downstream nodes to expand
+    nodes (a vmapped backward over the graph of the batch; the default 64 rows keeps its
+    temporaries small, larger values save backwards at about the same compute on CPU, see
+    "Memory" in the module docstring). nodes: {site: bool mask like its node effects} of the downstream nodes to expand
     (sites left out are not expanded; None: all), e.g. `NodeEffects.select(threshold)`. Other
     arguments as in `circuits.attribution.node_effects`."""
     if isinstance(rows_per_backward, bool) or not isinstance(rows_per_backward, int) or rows_per_backward < 1:
