@@ -20,7 +20,7 @@ Sections (all by default; name some to run only those):
   --tiny    a random 4-layer Llama with a byte tokenizer instead of SmolLM2, random prompt pairs
             instead of IOI (quick mode: seconds). --graph always uses SmolLM2.
 
-Dictionaries: the trained residual TopK SAEs of a finished main job (`python -m sae.cli main`) in
+Dictionaries: the trained residual TopK SAEs of a finished main job (`python -m circuits.main` or `python -m sae.cli train`) in
 the cache when one covers the sites, else random-init TopK SAEs (k=32, 4 x d_model latents):
 the costs are the same, the circuit is meaningless. The summary says which were used.
 

@@ -6,7 +6,7 @@ written as JSON and rendered to SVG.
         --clean "When Mary and John went to the store, John gave a drink to" \\
         --cf "When Mary and John went to the store, Mary gave a drink to" --answer " Mary" --wrong " John"
 
-Dictionaries: those of a finished main job (`python -m sae.cli main`) in the cache when it covers
+Dictionaries: those of a finished main job (`python -m circuits.main` or `python -m sae.cli train`) in the cache when it covers
 --sites, else TopK SAEs trained here on --train-tokens per site (kept in --out; small budgets give
 rough features).
 """

@@ -20,14 +20,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+DEFAULTS = dict(sites="resid.*", k=32, expansion=4, tokens=131_072)  # the main job's dictionaries
+
+
+def run_directory(model_name: str, sites: str = DEFAULTS["sites"], k: int = DEFAULTS["k"],
+                  expansion: int = DEFAULTS["expansion"], tokens: int = DEFAULTS["tokens"]):
+    """The cache directory of a `train` run with these settings (the main job's by default)."""
+    from .io import cache_dir
+
+    return cache_dir("runs", f"{model_name}-{sites.replace('*', 'all')}-topk{k}x{expansion}-{tokens}")
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `train_and_evaluate` (shared with the circuits main job)."""
     _common(p)
-    p.add_argument("--sites", default="resid.*", help="sites to train, names or a glob (default 'resid.*')")
-    p.add_argument("--tokens", type=int, default=131_072, help="training tokens per site (default 131072; "
+    p.add_argument("--sites", default=DEFAULTS["sites"], help="sites to train, names or a glob (default 'resid.*')")
+    p.add_argument("--tokens", type=int, default=DEFAULTS["tokens"], help="training tokens per site (default 131072; "
                    "more gives better dictionaries at ~1 min per 10k tokens for 30 sites on 2 CPU cores)")
-    p.add_argument("--k", type=int, default=32, help="TopK active latents per token (default 32)")
-    p.add_argument("--expansion", type=int, default=4, help="latents per input dimension (default 4)")
+    p.add_argument("--k", type=int, default=DEFAULTS["k"], help="TopK active latents per token (default 32)")
+    p.add_argument("--expansion", type=int, default=DEFAULTS["expansion"], help="latents per input dimension (default 4)")
     p.add_argument("--train-batch", type=int, default=1024, help="tokens per training step (default 1024)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for reconstruction metrics")
     p.add_argument("--ce-tokens", type=int, default=512, help="held-out tokens for the spliced-CE metrics")
@@ -41,7 +52,6 @@ def train_and_evaluate(args: argparse.Namespace):
 
     from .corpus import load_corpus
     from .evaluation import evaluate
-    from .io import cache_dir
     from .models import load_model
     from .pipeline import train_at_sites
     from .training import TrainConfig
@@ -56,8 +66,7 @@ def train_and_evaluate(args: argparse.Namespace):
     cfg = TrainConfig(total_tokens=args.tokens, batch_size=args.train_batch, calibration_tokens=8192,
                       log_every=25, checkpoint_every=50, progress=not args.no_progress,
                       device="cpu" if model.device.type == "cpu" else str(model.device))
-    directory = args.runs or cache_dir("runs", f"{model.name}-{args.sites.replace('*', 'all')}-topk{args.k}"
-                                               f"x{args.expansion}-{args.tokens}")
+    directory = args.runs or run_directory(model.name, args.sites, args.k, args.expansion, args.tokens)
     print(f"dictionaries: {directory}")
     t1 = time.perf_counter()
     dicts = train_at_sites(model, corpus.train, args.sites, k=args.k, expansion=args.expansion, cfg=cfg,
