@@ -40,6 +40,27 @@ from ..dictionary import Dictionary, TrainState, check_x, random_unit_rows, regi
 from . import _sparse
 
 
+def _total_variance(x: torch.Tensor) -> torch.Tensor:
+    """sum ||x - mean(x)||^2 over the rows of x [B, d] (the FVU denominator).
+
+    On CPU as sum x^2 - ||sum_b x_b||^2 / B (two fast reductions instead of four passes over the
+    batch), unless the mean carries over 90% of the energy, where that subtraction would lose
+    float32 digits and the centred form is used."""
+    if x.device.type == "cpu":
+        flat = x.reshape(-1)
+        s2 = torch.dot(flat, flat)
+        m2 = x.sum(0).square().sum() / x.shape[0]
+        if float(m2) <= 0.9 * float(s2):
+            return (s2 - m2).clamp_min(torch.finfo(x.dtype).tiny)
+    return (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _scalar(t: torch.Tensor) -> "float | torch.Tensor":
+    """A metric value: a float on CPU (free), the detached 0-d tensor on accelerators (reading it
+    would wait for the device every step; the trainer averages tensors between log steps)."""
+    return t.item() if t.device.type == "cpu" else t.detach()
+
+
 class _KSparseSAE(Dictionary):
     """Parameters, initialisation and the AuxK objective shared by TopK and BatchTopK."""
 
@@ -103,36 +124,38 @@ class _KSparseSAE(Dictionary):
             main = self._select(pre)
             return main, (None if dense_aux else _sparse.select_aux(pre, dead, k_eff))
 
+        by_latent = _sparse.LatentOrder()  # one by-latent sort for both weight gradients
+        block_cols = _sparse.pad_columns(dead) if dense_aux else None  # dead latents, -1 padded
         main, aux, block = _sparse.sparse_encode(x, self.W_enc, self.b_enc, self.b_dec, selector,
-                                                 dead if dense_aux else None)
-        x_hat = _sparse.decode_coo(main.values, main.rows, main.cols, self.W_dec, B) + self.b_dec
-        err = (x - x_hat).pow(2).sum()  # sum ||x - x_hat||^2
+                                                 block_cols, by_latent)
+        x_hat = _sparse.decode_coo(main.values, main.rows, main.cols, self.W_dec, B, by_latent) + self.b_dec
+        err = F.mse_loss(x_hat, x, reduction="sum")  # sum ||x - x_hat||^2 (fused forward and backward)
         with torch.no_grad():
-            total_var = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+            total_var = _total_variance(x)
         loss_fvu = err / total_var
         loss = loss_fvu
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         if k_eff > 0:
             # AuxK: the top-k_aux dead latents reconstruct the detached residual (no b_dec)
             e = (x - x_hat).detach()  # [B, d_in]
-            if dense_aux:  # block = ReLU(pre[:, dead]) [B, n_dead]
-                if k_eff < block.shape[1]:
+            if dense_aux:  # block = ReLU(pre[:, dead]) [B, n_dead + padding (zero columns)]
+                if k_eff < dead.numel():
                     vals, j = block.topk(k_eff, dim=-1, sorted=False)
                     block = torch.zeros_like(block).scatter(-1, j, vals)
-                e_hat = block @ self.W_dec.index_select(0, dead)
+                e_hat = block @ self.W_dec.index_select(0, block_cols.clamp_min(0))
             else:
                 e_hat = _sparse.decode_coo(aux.values, aux.rows, aux.cols, self.W_dec, B)
             den = (e - e.mean(0, keepdim=True)).pow(2).sum()
             aux_loss = ((e - e_hat).pow(2).sum() / den.clamp_min(torch.finfo(den.dtype).tiny)).nan_to_num(0.0)
             loss = loss + self.aux_coefficient * aux_loss
-            metrics["auxk"] = aux_loss.item()
+            metrics["auxk"] = _scalar(aux_loss)
         with torch.no_grad():
             active = main.values > 0
             fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device)
             fired[main.cols[active]] = True
             self.last_fired = fired
             self._after_step(main)
-            metrics.update(fvu=loss_fvu.item(), mse=err.item() / B, l0=active.sum().item() / B)
+            metrics.update(fvu=_scalar(loss_fvu), mse=_scalar(err / B), l0=_scalar(active.sum() / B))
             if use_aux:
                 metrics["dead"] = float(dead.numel())
         return loss, metrics
