@@ -102,7 +102,7 @@ def _assemble(arch: str, config: dict[str, Any], tensors: dict[str, torch.Tensor
               device: str | torch.device, dtype: torch.dtype) -> Dictionary:
     from .dictionary import build
 
-    model = build(arch, **config)
+    model = build(arch, **config).to(dtype)  # at the target dtype first, so float64 stays exact
     state = {k: v.detach().to(torch.float64) for k, v in tensors.items()}
     own = model.state_dict()
     for k, v in state.items():
