@@ -338,12 +338,7 @@ def plot(df: pd.DataFrame, path: str | Path) -> Path:
 def write_outputs(df: pd.DataFrame, out_dir: str | Path, model_name: str = "",
                   notes: Sequence[str] = ()) -> dict[str, Path]:
     """Write erasure_bench.csv, erasure_bench_summary.csv, erasure_bench.png and erasure_bench.md."""
-    out = Path(out_dir)
-    files = {"csv": rp.write_csv(df, out / "erasure_bench.csv"),
-             "summary_csv": rp.write_csv(df.attrs["summary"], out / "erasure_bench_summary.csv"),
-             "png": plot(df, out / "erasure_bench.png")}
-    files["md"] = rp.write_text(out / "erasure_bench.md", markdown_report(df, model_name, notes))
-    return files
+    return rp.write_outputs("erasure_bench", df, out_dir, plot, markdown_report(df, model_name, notes))
 
 
 # --- command line ----------------------------------------------------------------------------------

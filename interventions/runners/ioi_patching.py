@@ -323,12 +323,7 @@ def plot(curves: pd.DataFrame, path: str | Path) -> Path:
 def write_outputs(curves: pd.DataFrame, out_dir: str | Path, model_name: str = "",
                   notes: Sequence[str] = ()) -> dict[str, Path]:
     """Write ioi_patching.csv, ioi_patching_summary.csv, ioi_patching.png and ioi_patching.md."""
-    out = Path(out_dir)
-    files = {"csv": rp.write_csv(curves, out / "ioi_patching.csv"),
-             "summary_csv": rp.write_csv(curves.attrs["summary"], out / "ioi_patching_summary.csv"),
-             "png": plot(curves, out / "ioi_patching.png")}
-    files["md"] = rp.write_text(out / "ioi_patching.md", markdown_report(curves, model_name, notes))
-    return files
+    return rp.write_outputs("ioi_patching", curves, out_dir, plot, markdown_report(curves, model_name, notes))
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -120,3 +120,13 @@ def timings_line(timings: dict[str, float]) -> str:
 
 def bullet_list(items: Iterable[str]) -> str:
     return "\n".join(f"- {x}" for x in items)
+
+
+def write_outputs(name: str, df: pd.DataFrame, out_dir: str | Path, plot: Any, markdown: str) -> dict[str, Path]:
+    """Write NAME.csv, NAME_summary.csv (from df.attrs["summary"]), NAME.png (plot(df, path)) and
+    NAME.md (`markdown`) into out_dir, each atomically; returns {kind: path}."""
+    out = Path(out_dir)
+    return {"csv": write_csv(df, out / f"{name}.csv"),
+            "summary_csv": write_csv(df.attrs["summary"], out / f"{name}_summary.csv"),
+            "png": plot(df, out / f"{name}.png"),
+            "md": write_text(out / f"{name}.md", markdown)}
