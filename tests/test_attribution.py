@@ -7,6 +7,7 @@ from circuits.attribution import NodeEffects, node_effects
 from sae.architectures import TopKSAE
 from sae.baselines import PCADictionary, RandomDictionary
 from sae.models import load_model, tiny_model
+from circuit_helpers import pair, topk_dicts
 
 SITES = ["resid.0", "attn.1", "mlp.1", "resid.1"]
 
@@ -49,25 +50,6 @@ def linear_gpt2():
     return float64(small)
 
 
-def topk_dicts(sites, n_latents=24, k=6, seed=0):
-    torch.manual_seed(seed)
-    dicts = {}
-    for s in sites:
-        d = TopKSAE(32, n_latents, k=k)
-        with torch.no_grad():
-            d.b_enc.normal_(0, 0.1)
-            d.b_dec.normal_(0, 0.1)
-        dicts[s] = d.double()
-    return dicts
-
-
-def pair(batch=2, pos=5, swap=(1, 3), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 250, (batch, pos), generator=g)
-    cf = ids.clone()
-    for q in swap:
-        cf[:, q] = torch.randint(2, 250, (batch,), generator=g)
-    return ids, cf
 
 
 def corr(a, b):

@@ -6,8 +6,8 @@ import torch
 
 from circuits.attribution import node_effects
 from circuits.edges import EdgeEffects, edge_effects, edge_effects_reference
-from sae.architectures import TopKSAE
 from sae.models import load_model, tiny_model
+from circuit_helpers import pair, topk_dicts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,25 +29,6 @@ def metric(logits):  # [batch, pos, vocab] -> [batch]
     return logits[:, -1, 5] - logits[:, -1, 11]
 
 
-def topk_dicts(sites, n_latents=24, k=6, seed=0):
-    torch.manual_seed(seed)
-    dicts = {}
-    for s in sites:
-        d = TopKSAE(32, n_latents, k=k)
-        with torch.no_grad():
-            d.b_enc.normal_(0, 0.1)
-            d.b_dec.normal_(0, 0.1)
-        dicts[s] = d.double()
-    return dicts
-
-
-def pair(batch=2, pos=5, swap=(1, 3), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 250, (batch, pos), generator=g)
-    cf = ids.clone()
-    for q in swap:
-        cf[:, q] = torch.randint(2, 250, (batch,), generator=g)
-    return ids, cf
 
 
 # --- an independent forward with plain PyTorch hooks --------------------------------------------
