@@ -12,7 +12,7 @@ graphs (imports `interventions` and `sae`). Public names are imported lazily so 
 """
 from __future__ import annotations
 
-import importlib
+from sae._lazy import lazy_exports
 
 _EXPORTS = {
     "node_effects": "circuits.attribution",
@@ -44,10 +44,4 @@ _EXPORTS = {
     "label_graph": "circuits.top_tokens",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'circuits' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -25,6 +25,22 @@ with every later site recomputed by the model. Three ways to get it (`method=`):
   rule alpha_k = (k + 1/2) / N (Marks et al. use the left sum k / N; same cost, second-order
   accurate). Completeness: at a site that every path from the input to the metric crosses (a
   resid.L site, or the input), the effects of its nodes sum to ~ m(cf) - m(clean).
+  Cost: about N forwards and backwards per site and batch.
+- "ig-input", integrated gradients along the path the model takes from ONE interpolation of
+  its input (the input-embedding path of EAP-IG, Hanna, Pezzelle & Belinkov 2024, "Have Faith in
+  Faithfulness", arXiv 2403.17806): only the token embeddings move, z_embed(t) = z_clean + t
+  (z_cf - z_clean), every site is recomputed by the model, and each node gets the line integral
+  of its gradient along its own (curved) trajectory a(t):
+
+      IE(a) ~= integral_0^1 grad_a m|t . da/dt dt
+            ~= sum_k (g(t_k) + g(t_k+1))/2 . (a(t_k+1) - a(t_k)),    t_k = k / N (trapezoid)
+
+  All sites at once: N + 1 forwards and backwards per batch (run as copies of the batch,
+  `max_rows` rows per pass), against ~N per site for "ig". Complete at every site that all paths
+  cross (dm/dt is the sum of its nodes' terms), exact on a model that is affine in the input.
+  It attributes the whole change along the path (Aumann-Shapley), which is not the same quantity
+  as patching one node with all others clean: at sites that not every path crosses (attn.L,
+  mlp.L) it can differ markedly from "exact"; use "ig" to estimate single-node patches.
 - "exact", activation patching: one patched forward per node whose value differs between clean
   and cf (exact effects are 0 elsewhere), K nodes per forward by repeating the batch K times
   (`max_rows` = K * batch). For verification; cost grows with the number of nodes.
@@ -52,7 +68,7 @@ import torch
 from interventions.spliced import check_dictionaries, run_spliced, token_batch
 from sae.baselines import IdentityDictionary
 
-METHODS = ("atp", "ig", "exact")
+METHODS = ("atp", "ig", "ig-input", "exact")
 INPUT_SITE = "embed"  # the token embedding entering block 0; spliced with the identity if not given
 
 
@@ -258,6 +274,35 @@ def _ig(model, dicts, ids, mask, call, rows, clean, cf, steps, max_rows):
     return out
 
 
+def _ig_input(model, dicts, ids, mask, call, rows, clean, cf, steps, max_rows):
+    b = ids.shape[0]
+    ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    per_block = max(1, max_rows // b)
+    c0, e0 = clean.codes[INPUT_SITE], clean.errors[INPUT_SITE]
+    path = (c0, e0, cf.codes[INPUT_SITE] - c0, cf.errors[INPUT_SITE] - e0)
+    out = {s: 0.0 for s in dicts}
+    last: dict[str, tuple] = {}  # site -> (codes, grad codes, error, grad error) at the previous t
+    for i in range(0, steps + 1, per_block):
+        t = ts[i:i + per_block]
+        k = len(t)
+        run = run_spliced(model, dicts, ids.repeat(k, 1), mask.repeat(k, 1).long(),
+                          edits={INPUT_SITE: _interpolate(*path, t)}, grad=True)
+        call(run.logits, b, rows).sum().backward()
+        for s in dicts:
+            c, e = run.codes[s].detach(), run.errors[s].detach()
+            c, e = c.view(k, b, *c.shape[1:]), e.view(k, b, *e.shape[1:])  # [k, b, pos, .]
+            gc = grad_or_zero(run.codes[s]).view_as(c)
+            ge = grad_or_zero(run.errors[s]).view_as(e)
+            if s in last:  # prepend the previous pass's last point
+                pc, pgc, pe, pge = last[s]
+                c, gc, e, ge = (torch.cat([p[None], q]) for p, q in ((pc, c), (pgc, gc), (pe, e), (pge, ge)))
+            if len(c) > 1:  # trapezoid segments between consecutive points
+                out[s] = out[s] + nodes_of((gc[1:] + gc[:-1]) / 2, (ge[1:] + ge[:-1]) / 2,
+                                           c[1:] - c[:-1], e[1:] - e[:-1]).sum(0)
+            last[s] = (c[-1], gc[-1], e[-1], ge[-1])
+    return out
+
+
 def _patch_nodes(nodes: list[tuple[int, int]], c1, e1, where: torch.Tensor):
     """Edit: block k of the repeated batch sets node nodes[k] = (pos or -1 for all positions,
     index; index n = error) to its counterfactual value (c1 [b,p,n], e1 [b,p,d])."""
@@ -335,12 +380,12 @@ def node_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counte
     metric: logits [batch, pos, vocab] -> [batch]; when batch_size splits the examples, a metric
     of two arguments is called as metric(logits, rows) with rows the examples' slice (e.g.
     `lambda lg, rows: logit_diff(lg, dataset[rows])`).
-    method: "atp" | "ig" (steps) | "exact". per_position: keep positions (else summed).
+    method: "atp" | "ig" (steps, per site) | "ig-input" (steps, all sites at once) | "exact". per_position: keep positions (else summed).
     batch_size: examples per chunk (None: all at once). max_rows: batch rows per forward for the
     repeated batches of "ig" and "exact"."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if method == "ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if method in ("ig", "ig-input") and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     call = metric_caller(metric)
     ids_all, cf_all, mask_all = token_pair(model, clean, counterfactual, attention_mask)
@@ -365,6 +410,8 @@ def node_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counte
             per_ex = _atp(dicts, clean, cf)
         elif method == "ig":
             per_ex = _ig(model, dicts, ids, mask, call, rows, clean, cf, steps, max_rows)
+        elif method == "ig-input":
+            per_ex = _ig_input(model, dicts, ids, mask, call, rows, clean, cf, steps, max_rows)
         else:
             run_dicts = {s: dicts[s] for s in sites}
             per_ex = _exact(model, run_dicts, ids, mask, call, rows, clean, cf, m0, per_position, max_rows)

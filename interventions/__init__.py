@@ -12,7 +12,7 @@ ablation, steering). Imports `sae` only. Public names are imported lazily so tha
 """
 from __future__ import annotations
 
-import importlib
+from sae._lazy import lazy_exports
 
 _EXPORTS = {
     "run_spliced": "interventions.spliced",
@@ -36,10 +36,4 @@ _EXPORTS = {
     "steer_generate": "interventions.steering",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'interventions' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

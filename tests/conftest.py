@@ -28,6 +28,25 @@ def llama():
     return tiny_model("llama", n_layers=3, d_model=32)
 
 
+@pytest.fixture(scope="module")
+def loud_llama():
+    """A 2-layer llama with a larger init scale, so feature edits move the logits visibly."""
+    return tiny_model("llama", n_layers=2, d_model=32, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def random_topk():
+    """TopK SAE on 32 dims: 24 latents, k = 6, random biases (fresh per test module)."""
+    from sae.architectures import TopKSAE
+
+    torch.manual_seed(0)
+    d = TopKSAE(32, 24, k=6)
+    with torch.no_grad():
+        d.b_enc.normal_(0, 0.1)
+        d.b_dec.normal_(0, 0.1)
+    return d
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model (first load builds the fast-reload cache, ~25 s)."""

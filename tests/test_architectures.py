@@ -512,3 +512,22 @@ def test_sparse_decode_fallback_kernel_matches(monkeypatch):
     got = torch.autograd.grad(m.training_loss(x, TrainState(1, 2))[0], list(m.parameters()))
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["topk", "batchtopk"])
+def test_ksparse_init_scales_the_encoder_to_the_least_squares_reconstruction(case):
+    x = sparse_data(512)
+    m = make(case)
+    unit = m.W_enc.detach().clone()
+    assert torch.allclose(unit.norm(dim=1), torch.ones(N))
+    m.init_from_data(x)
+    s = float(m.W_enc.norm(dim=1).mean())
+    assert 0 < s < 1 and torch.allclose(m.W_enc, unit * s)  # one common factor; the overlaps overshoot
+    with torch.no_grad():
+        r = x - m.b_dec
+        pre = F.linear(r, m.W_enc)
+        vals, idx = pre.relu().topk(m.k, dim=-1)
+        h = torch.zeros_like(pre).scatter(-1, idx, vals) @ m.W_dec  # x_hat - b_dec
+        assert float((r * h).sum()) == pytest.approx(float(h.pow(2).sum()), rel=1e-4)  # d/ds ||r - s h||^2 = 0
+        fvu_ls = (r - h).pow(2).sum()
+        assert fvu_ls < (r - h / s).pow(2).sum()  # better than the unit-norm start

@@ -69,12 +69,15 @@ def test_atp_equals_exact_patching_on_a_linear_model(linear_gpt2, per_position):
     atp = node_effects(linear_gpt2, dicts, ids, cf, metric, method="atp", per_position=per_position)
     exact = node_effects(linear_gpt2, dicts, ids, cf, metric, method="exact", per_position=per_position)
     ig = node_effects(linear_gpt2, dicts, ids, cf, metric, method="ig", steps=2, per_position=per_position)
+    ig_input = node_effects(linear_gpt2, dicts, ids, cf, metric, method="ig-input", steps=2,
+                            per_position=per_position)
     assert abs(exact.delta_metric) > 1e-3
     for s in dicts:
         assert atp.effects[s].shape == ((5, dicts[s].n_latents + 1) if per_position else (dicts[s].n_latents + 1,))
         assert exact.effects[s].abs().max() > 1e-6
         torch.testing.assert_close(atp.effects[s], exact.effects[s], rtol=1e-7, atol=1e-10)
         torch.testing.assert_close(ig.effects[s], exact.effects[s], rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(ig_input.effects[s], exact.effects[s], rtol=1e-7, atol=1e-10)
     assert exact.effects["mlp.1"][..., -1].abs().max() > 1e-6  # the error node is patched too
     torch.testing.assert_close(atp.inputs, exact.inputs, rtol=1e-7, atol=1e-10)
     # a linear model is additive: the effects at a resid site sum to the whole change
@@ -116,6 +119,33 @@ def test_integrated_gradients_are_complete(gpt2_64):
     assert abs(fine.total("resid.0") - dm) <= abs(ig.total("resid.0") - dm) + 1e-12
     atp = node_effects(gpt2_64, dicts, ids, cf, metric, method="atp")
     assert abs(atp.total("resid.0") - dm) > abs(fine.total("resid.0") - dm)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the counting hook itself
+def test_input_path_integrated_gradients(gpt2_64):
+    """"ig-input": N + 1 forwards and backwards for all sites at once (counted with a hook on the
+    first block), complete at the input and at every resid site (its exactness on an affine
+    model is checked with atp above)."""
+    sites = ["resid.0", "attn.1", "mlp.1", "resid.1"]
+    dicts = topk_dicts(sites)
+    ids, cf = pair(batch=2, pos=5, swap=(2, 4))
+    calls = {"forward": 0, "backward": 0}
+    block = gpt2_64.hf.transformer.h[0]
+    hooks = [block.register_forward_pre_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1)),
+             block.register_full_backward_hook(lambda *a: calls.__setitem__("backward", calls["backward"] + 1))]
+    try:
+        joint = node_effects(gpt2_64, dicts, ids, cf, metric, method="ig-input", steps=10, max_rows=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"forward": 2 + 6, "backward": 6}  # clean, cf + 11 points in passes of 2 copies
+    dm = joint.delta_metric
+    assert abs(dm) > 1e-4
+    assert float(joint.inputs.sum()) == pytest.approx(dm, rel=0.05)
+    for s in ("resid.0", "resid.1"):
+        assert joint.total(s) == pytest.approx(dm, rel=0.05), s
+    atp = node_effects(gpt2_64, dicts, ids, cf, metric, method="atp")
+    assert abs(atp.total("resid.1") - dm) > 10 * abs(joint.total("resid.1") - dm)
 
 
 def test_exact_patching_batches_nodes_without_changing_results(gpt2_64):

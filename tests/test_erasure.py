@@ -7,26 +7,19 @@ from interventions.erasure import (Erasure, erase, erasure_report, feature_erasu
                                    select_concept_features)
 from interventions.patching import ablate_features
 from interventions.spliced import run_spliced
-from sae.architectures import TopKSAE
 from sae.baselines import IdentityDictionary
-from sae.models import tiny_model
 
 SITE = "resid.0"
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", n_layers=2, d_model=32, initializer_range=0.3)
+def model(loud_llama):
+    return loud_llama
 
 
 @pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(0)
-    d = TopKSAE(32, 24, k=6)
-    with torch.no_grad():
-        d.b_enc.normal_(0, 0.1)
-        d.b_dec.normal_(0, 0.1)
-    return d
+def sae(random_topk):
+    return random_topk
 
 
 @pytest.fixture(scope="module")

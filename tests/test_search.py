@@ -7,28 +7,20 @@ import torch
 
 from interventions.patching import patch_features
 from interventions.search import feature_set_kl, search_feature_set
-from sae.architectures import TopKSAE
 from sae.baselines import IdentityDictionary
-from sae.models import tiny_model
 
 SITE = "resid.0"
 INF = float("inf")
 
 
 @pytest.fixture(scope="module")
-def model():
-    # a larger init scale than the default fixture, so patches move the logits visibly
-    return tiny_model("llama", n_layers=2, d_model=32, initializer_range=0.3)
+def model(loud_llama):
+    return loud_llama
 
 
 @pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(0)
-    d = TopKSAE(32, 24, k=6)
-    with torch.no_grad():
-        d.b_enc.normal_(0, 0.1)
-        d.b_dec.normal_(0, 0.1)
-    return d
+def sae(random_topk):
+    return random_topk
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ builds (e.g. tiny dictionaries for a tiny model in tests).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -35,7 +36,6 @@ FAMILIES = ("sae", "pca", "ica", "neurons")
 #: Contexts of 128 tokens loaded besides the SAE training tokens: baselines and neutral text.
 EXTRA_CONTEXTS = 64
 CTX_LEN = 128
-#: The README main job's defaults (`sae/cli.py`), to find its run directory in the cache.
 
 
 def log(msg: str, progress: bool = True) -> None:
@@ -195,3 +195,41 @@ def check_families(model: Any, dictionaries_by_family: Mapping[str, Mapping[str,
         missing = [s for s in sites if s not in dicts]
         if missing:
             raise ValueError(f"family {fam!r} has no dictionary at {missing}; it has {list(dicts)}")
+
+
+def add_family_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """The runners' shared options: model, seed, where the families come from, output."""
+    p.add_argument("--model", default=None, help="local model directory or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sae-tokens", type=int, default=16_384, help="training tokens per site when SAEs are trained here")
+    p.add_argument("--sae-dir", default=None, help="a train_at_sites run directory to load SAEs from (or train into)")
+    p.add_argument("--no-main-job", action="store_true", help="ignore the README main job's cached SAEs")
+    p.add_argument("--k", type=int, default=32, help="TopK active latents when training")
+    p.add_argument("--expansion", type=int, default=4, help="latents per dimension when training")
+    p.add_argument("--baseline-tokens", type=int, default=4096, help="harvested tokens per site for PCA/ICA")
+    p.add_argument("--ica-components", type=int, default=128, help="FastICA components (<= d_model)")
+    p.add_argument("--out", default=out, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def families_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]], dict[str, Any], list[str]]:
+    """(model, dictionaries_by_family, info, report notes) for parsed `add_family_arguments`
+    options plus args.sites and args.families (no families: no dictionaries, no corpus)."""
+    from sae.models import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=args.device)
+    fams, info = build_families(model, args.sites, args.families, sae_tokens=args.sae_tokens,
+                                sae_dir=args.sae_dir, use_main_job=not args.no_main_job, k=args.k,
+                                expansion=args.expansion, baseline_tokens=args.baseline_tokens,
+                                ica_components=args.ica_components, seed=args.seed,
+                                progress=not args.quiet) if args.families else ({}, {})
+    notes = []
+    if "sae_source" in info:
+        notes.append(f"SAEs: {info['sae_source']}")
+    if "baseline_tokens" in info:
+        notes.append(f"baselines fitted on {info['baseline_tokens']} harvested tokens per site"
+                     + (f"; ICA with {args.ica_components} components" if "ica" in args.families else ""))
+    notes.append(f"set-up (model, dictionaries) {time.perf_counter() - t0:.0f} s")
+    return model, fams, info, notes

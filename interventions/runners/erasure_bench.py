@@ -46,7 +46,7 @@ import torch
 
 from interventions.spliced import dictionary_tensor
 
-from . import FAMILIES, build_families, check_families, log
+from . import FAMILIES, add_family_arguments, check_families, families_from_args, log
 from . import report as rp
 
 LINEAR = ("leace", "mean_diff")
@@ -346,8 +346,6 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m interventions.runners.erasure_bench",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="local model directory or hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--sites", nargs="+", default=["resid.9"], help="sites to erase at")
     p.add_argument("--families", nargs="*", default=["sae", "pca", "neurons"], choices=FAMILIES,
                    help="dictionary families whose features are ablated")
@@ -360,41 +358,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--select", choices=("mean_diff", "attribution"), default="mean_diff", help="feature ranking")
     p.add_argument("--ablation", choices=("mean", "zero"), default="mean", help="value ablated features are set to")
     p.add_argument("--fit-positions", choices=FIT_POSITIONS, default="name", help="labelled tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sae-tokens", type=int, default=16_384, help="training tokens per site when SAEs are trained here")
-    p.add_argument("--sae-dir", default=None, help="a train_at_sites run directory to load SAEs from (or train into)")
-    p.add_argument("--no-main-job", action="store_true", help="ignore the README main job's cached SAEs")
-    p.add_argument("--k", type=int, default=32, help="TopK active latents when training")
-    p.add_argument("--expansion", type=int, default=4, help="latents per dimension when training")
-    p.add_argument("--baseline-tokens", type=int, default=4096, help="harvested tokens per site for PCA/ICA")
-    p.add_argument("--ica-components", type=int, default=128, help="FastICA components (<= d_model)")
-    p.add_argument("--out", default="reports/erasure_bench", help="output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_family_arguments(p, out="reports/erasure_bench")
     args = p.parse_args(argv)
     try:
-        from sae.models import load_model
-
         if not 1 <= args.neutral_len <= 128:
             raise ValueError(f"--neutral-len must be in 1..128 (the corpus contexts' length), got {args.neutral_len}")
-        t0 = time.perf_counter()
-        model = load_model(args.model, device=args.device)
-        fams, info = build_families(model, args.sites, args.families, sae_tokens=args.sae_tokens,
-                                    sae_dir=args.sae_dir, use_main_job=not args.no_main_job, k=args.k,
-                                    expansion=args.expansion, baseline_tokens=args.baseline_tokens,
-                                    ica_components=args.ica_components, seed=args.seed,
-                                    progress=not args.quiet) if args.families else ({}, {})
+        model, fams, info, notes = families_from_args(args)
         held = info["corpus"].heldout if "corpus" in info else None
         if held is not None and held.shape[0] < args.neutral_contexts:
             raise ValueError(f"only {held.shape[0]} held-out contexts for --neutral-contexts {args.neutral_contexts}")
         neutral = None if held is None else held[:args.neutral_contexts, :args.neutral_len]
-        notes = [f"SAEs: {info['sae_source']}" if "sae_source" in info else "",
-                 f"baselines fitted on {info['baseline_tokens']} harvested tokens per site" if "baseline_tokens" in info
-                 else "", f"set-up (model, dictionaries) {time.perf_counter() - t0:.0f} s"]
         df = run_erasure_bench(model, fams, args.sites, n_prompts=args.n_prompts,
                                heldout_fraction=args.heldout_fraction, ks=args.ks, linear=args.linear,
                                neutral=neutral, neutral_contexts=args.neutral_contexts, neutral_len=args.neutral_len,
                                select=args.select, ablation=args.ablation, fit_positions=args.fit_positions,
-                               seed=args.seed, out_dir=args.out, notes=[x for x in notes if x], progress=not args.quiet)
+                               seed=args.seed, out_dir=args.out, notes=notes, progress=not args.quiet)
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

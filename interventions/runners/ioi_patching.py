@@ -49,7 +49,7 @@ import torch
 
 from interventions.spliced import dictionary_tensor
 
-from . import FAMILIES, build_families, check_families, log
+from . import FAMILIES, add_family_arguments, check_families, families_from_args, log
 from . import report as rp
 
 DIRECTIONS = ("cf_to_clean", "clean_to_cf")
@@ -342,8 +342,6 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m interventions.runners.ioi_patching",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="local model directory or hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--sites", nargs="+", default=["resid.3", "resid.6", "resid.9"], help="sites to patch at")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="dictionary families")
     p.add_argument("--n-prompts", type=int, default=2, help="IOI prompts (more: less noise, slower)")
@@ -354,36 +352,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=12, help="candidate removals judged per forward")
     p.add_argument("--direction", choices=DIRECTIONS, default="cf_to_clean", help="which prompt is patched")
     p.add_argument("--order", choices=("random", "ascending"), default="random", help="visiting order per tau")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sae-tokens", type=int, default=16_384, help="training tokens per site when SAEs are trained here")
-    p.add_argument("--sae-dir", default=None, help="a train_at_sites run directory to load SAEs from (or train into)")
-    p.add_argument("--no-main-job", action="store_true", help="ignore the README main job's cached SAEs")
-    p.add_argument("--k", type=int, default=32, help="TopK active latents when training")
-    p.add_argument("--expansion", type=int, default=4, help="latents per dimension when training")
-    p.add_argument("--baseline-tokens", type=int, default=4096, help="harvested tokens per site for PCA/ICA")
-    p.add_argument("--ica-components", type=int, default=128, help="FastICA components (<= d_model)")
-    p.add_argument("--out", default="reports/ioi_patching", help="output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_family_arguments(p, out="reports/ioi_patching")
     args = p.parse_args(argv)
     try:
         taus = _taus(args.taus)
-        from sae.models import load_model
-
-        t0 = time.perf_counter()
-        model = load_model(args.model, device=args.device)
-        fams, info = build_families(model, args.sites, args.families, sae_tokens=args.sae_tokens,
-                                    sae_dir=args.sae_dir, use_main_job=not args.no_main_job, k=args.k,
-                                    expansion=args.expansion, baseline_tokens=args.baseline_tokens,
-                                    ica_components=args.ica_components, seed=args.seed, progress=not args.quiet)
-        setup = time.perf_counter() - t0
-        notes = [f"SAEs: {info['sae_source']}" if "sae_source" in info else "",
-                 f"baselines fitted on {info['baseline_tokens']} harvested tokens per site; ICA with "
-                 f"{args.ica_components} components" if "baseline_tokens" in info else "",
-                 f"set-up (model, dictionaries) {setup:.0f} s"]
+        model, fams, info, notes = families_from_args(args)
         curves = run_ioi_patching(model, fams, args.sites, n_prompts=args.n_prompts,
                                   candidates=args.candidates or None, taus=taus, batch=args.batch,
                                   direction=args.direction, order=args.order, seed=args.seed, out_dir=args.out,
-                                  notes=[x for x in notes if x], progress=not args.quiet)
+                                  notes=notes, progress=not args.quiet)
     except (ValueError, FileNotFoundError, OSError, ImportError, argparse.ArgumentTypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -16,7 +16,10 @@ pre-activations among the *dead* latents (state.dead_mask), e_hat = c_aux W_dec 
 (normalised by the residual's variance as in OpenAI's `normalized_mse`; k_aux = d_in/2 is the
 sparsify / dictionary_learning / SAELens default, capped at the number of dead latents).
 Initialisation (§A.1): unit-norm random decoder rows, W_enc = W_dec^T, b_dec from
-`init_from_data` (geometric median); the trainer keeps decoder rows at unit norm.
+`init_from_data` (geometric median); the trainer keeps decoder rows at unit norm. `init_from_data`
+also rescales the encoder by the least-squares scale of the first reconstruction,
+s = sum<x - b_dec, x_hat - b_dec> / sum||x_hat - b_dec||^2 (x_hat at W_enc = W_dec^T overshoots:
+the k selected directions overlap), so training starts at the best reconstruction along that ray.
 
 BatchTopK (Bussmann et al. §3): during training keep the k*B largest ReLU'd pre-activations of
 the whole batch of B tokens (a variable number per token). At inference a single threshold
@@ -85,6 +88,20 @@ class _KSparseSAE(Dictionary):
         self.b_enc = nn.Parameter(torch.zeros(self.n_latents))  # [n_latents]
         self.W_dec = nn.Parameter(W)  # [n_latents, d_in]
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))  # [d_in]
+
+    @torch.no_grad()
+    def init_from_data(self, x_sample: torch.Tensor, method: str = "geometric_median") -> "_KSparseSAE":
+        """b_dec from x_sample [n, d_in] (see `Dictionary.init_from_data`), then W_enc *= s with s
+        the least-squares scale of the reconstruction (module docstring). Returns self."""
+        super().init_from_data(x_sample, method)
+        x = x_sample.reshape(-1, self.d_in)[:4096].to(self.W_enc)  # a scalar needs few tokens
+        values, indices = self.pre_activations(x).relu().topk(self.k, dim=-1)  # [n, k]
+        codes = torch.zeros(x.shape[0], self.n_latents, dtype=x.dtype, device=x.device)
+        h = codes.scatter_(-1, indices, values) @ self.W_dec  # x_hat - b_dec  [n, d_in]
+        s = (x - self.b_dec).double().mul(h).sum() / h.double().pow(2).sum()
+        if s > 0:  # (nan when nothing fired: keep the unit-norm init)
+            self.W_enc.mul_(float(s))
+        return self
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "k_aux": self.k_aux, "aux_coefficient": self.aux_coefficient}
