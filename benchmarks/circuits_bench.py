@@ -3,7 +3,8 @@
 Sections (all by default; name some to run only those):
 
   --counts  forwards and backwards of `node_effects`, attribution patching ("atp") vs integrated
-            gradients ("ig", --steps N), counted, not assumed: a forward pre-hook on the first
+            gradients per site ("ig", --steps N) and along the input path for all sites at once
+            ("ig-input", N + 1 points), counted, not assumed: a forward pre-hook on the first
             transformer block counts forwards (and their rows), wrappers around
             torch.autograd.backward / torch.autograd.grad (Tensor.backward goes through the first)
             count backwards. The counts are asserted against the expected ones and printed.
@@ -169,7 +170,7 @@ def section_counts(model, args, summary):
     print(f"\n## node effects: passes per batch ({model.name}, {n} prompts in batches of {b}, sites "
           f"{', '.join(sites)} + embed input; {desc}; {what})")
     times = {}
-    for method in ("atp", "ig"):
+    for method in ("atp", "ig", "ig-input"):
         with counter.count():
             start = time.perf_counter()
             node_effects(model, dicts, ids, cf, metric, method=method, steps=N, batch_size=b, max_rows=args.max_rows)
@@ -183,6 +184,19 @@ def section_counts(model, args, summary):
                   f"{len(fw)} forwards, {len(bw)} backwards for {chunks} batches")
             summary.append(("node effects atp, per batch", f"{len(fw) // chunks} fwd + {len(bw) // chunks} bwd",
                              f"{times[method]:.1f} s for {n} prompts"))
+        elif method == "ig-input":
+            grad_fw = [r for r, g in fw if g]
+            calls = math.ceil((N + 1) / per_block)
+            rows_fw = sum(r for r, _ in fw) / b / chunks
+            rows_bw = sum(r for r, _ in bw) / b / chunks
+            assert len(grad_fw) == calls * chunks and len(bw) == calls * chunks, (fw, bw)
+            assert rows_fw == 2 + N + 1 and rows_bw == N + 1, (rows_fw, rows_bw)
+            print(f"ig-input (N={N}): 2 plain forwards + {calls} forward+backward of up to "
+                  f"{min(N + 1, per_block) * b} rows per batch of {b}, for all {S} sites at once; in "
+                  f"batch-equivalents {rows_fw:g} forwards + {rows_bw:g} backwards = 2 + (N + 1)")
+            summary.append((f"node effects ig-input N={N}, per batch",
+                            f"{len(fw) // chunks} fwd + {len(bw) // chunks} bwd calls; {rows_fw:g} + {rows_bw:g} "
+                            f"batch-equivalents (all sites)", f"{times[method]:.1f} s for {n} prompts"))
         else:
             grad_fw = [r for r, g in fw if g]
             plain_fw = [r for r, g in fw if not g]
@@ -198,8 +212,9 @@ def section_counts(model, args, summary):
             summary.append((f"node effects ig N={N}, per batch",
                             f"{len(fw) // chunks} fwd + {len(bw) // chunks} bwd calls; {rows_fw:g} + {rows_bw:g} "
                             f"batch-equivalents (N per site, {S} sites)", f"{times[method]:.1f} s for {n} prompts"))
-    print(f"wall: atp {times['atp']:.2f} s, ig {times['ig']:.2f} s, ig/atp = {times['ig'] / times['atp']:.1f}x "
-          f"(one run each)")
+    print(f"wall: atp {times['atp']:.2f} s, ig {times['ig']:.2f} s ({times['ig'] / times['atp']:.1f}x atp), "
+          f"ig-input {times['ig-input']:.2f} s ({times['ig-input'] / times['atp']:.1f}x atp; "
+          f"ig / ig-input = {times['ig'] / times['ig-input']:.1f}x) (one run each)")
 
 
 # --- edges: batched vs one backward per node -----------------------------------------------------

@@ -388,7 +388,8 @@ def worker(args) -> None:
     result = {
         "library": trained.library, "version": trained.version, "arch": trained.arch, "opt": trained.optimizer,
         "lr": trained.lr, "threads": args.threads, "tokens": steps * args.batch, "batch": args.batch,
-        "d_sae": args.d_sae, "k": args.k, "tag": args.tag, "run_id": args.run_id, "torch": torch.__version__,
+        "d_sae": args.d_sae, "k": args.k, "seed": args.seed, "tag": args.tag, "run_id": args.run_id,
+        "torch": torch.__version__,
         "train_s": trained.train_seconds, "tok_s_wall": steps * args.batch / trained.train_seconds,
         "cpu_s": trained.cpu_seconds, "tok_s_cpu": steps * args.batch / trained.cpu_seconds,
         "tok_s_median_step": args.batch / float(statistics.median(gaps)),
@@ -503,6 +504,35 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def quality_summary(rows: list[dict]) -> list[str]:
+    """Per-seed FVU and GT MMCS of the `quality` runs, and the verdict on their means."""
+    import statistics
+
+    by_lib: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("tag") == "quality":
+            by_lib.setdefault(f"{r['library']} {r['opt']}", []).append(r)
+    lines = ["| library | seeds | FVU per seed | FVU mean (sd) | GT MMCS per seed | GT MMCS mean (sd) |",
+             "|---|---|---|---|---|---|"]
+    means = {}
+    for lib, rs in by_lib.items():
+        rs.sort(key=lambda r: r["seed"])
+        fvu, mmcs = [r["fvu"] for r in rs], [r["gt_mmcs"] for r in rs]
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
+        means[lib] = (statistics.mean(fvu), statistics.mean(mmcs))
+        lines.append(f"| {lib} | {', '.join(str(r['seed']) for r in rs)} | {' / '.join(f'{v:.4f}' for v in fvu)} | "
+                     f"{means[lib][0]:.4f} ({sd(fvu):.4f}) | {' / '.join(f'{v:.3f}' for v in mmcs)} | "
+                     f"{means[lib][1]:.3f} ({sd(mmcs):.3f}) |")
+    ours = [k for k in means if k.startswith("sae-circuits")]
+    peers = [k for k in means if not k.startswith("sae-circuits")]
+    for o in ours:
+        for q in peers:
+            better = means[o][0] <= means[q][0] and means[o][1] >= means[q][1]
+            lines.append(f"- mean over seeds, {o} vs {q}: FVU {means[o][0]:.4f} vs {means[q][0]:.4f}, GT MMCS "
+                         f"{means[o][1]:.3f} vs {means[q][1]:.3f}: {'equal or better' if better else 'WORSE'}")
+    return lines
+
+
 def report(data_dir: Path, run_id: str | None = None) -> str:
     path = data_dir / "results.jsonl"
     if not path.exists():
@@ -512,12 +542,14 @@ def report(data_dir: Path, run_id: str | None = None) -> str:
         run_id = rows[-1].get("run_id")
     if run_id:
         rows = [r for r in rows if r.get("run_id") == run_id]
+    if any(r.get("tag") == "quality" for r in rows):
+        return "\n".join(_table(rows) + [""] + quality_summary(rows))
     return "\n".join(_table(rows) + [""] + summary(rows))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["make-data", "run", "report", "all", "worker"])
+    p.add_argument("command", choices=["make-data", "run", "report", "all", "quality", "worker"])
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--tokens", type=int, default=DEFAULTS["tokens"], help="training tokens")
     p.add_argument("--eval-tokens", type=int, default=DEFAULTS["eval_tokens"])
@@ -533,6 +565,7 @@ def main(argv=None) -> None:
     p.add_argument("--opt", default=None, help="ours: adam | signsgd; sparsify: signum | adam (default: "
                                                "the library's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3, help="quality: seeds 0..N-1 of ours (signsgd) and sparsify")
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
                    help="(ours) TrainConfig.matmul_precision; 'medium' = bfloat16 products (AMX)")
     p.add_argument("--arch", default="topk")
@@ -572,6 +605,16 @@ def main(argv=None) -> None:
         if not args.skip_memory:
             short = max(args.batch, (args.tokens // 4) // args.batch * args.batch)
             run(args, "ours", ours_py, tokens=short, opt="signsgd", tag="memory-short")
+        print()
+        print(report(args.data_dir, args.run_id))
+    elif args.command == "quality":  # seed-to-seed spread: single-seed FVU differences of ~1% are noise
+        make_data(args.data_dir, args.tokens, args.eval_tokens)
+        if "sparsify" not in pythons:
+            raise SystemExit("quality compares with sparsify: give --python sparsify=...")
+        for seed in range(args.seeds):
+            args.seed = seed
+            run(args, "ours", pythons.get("ours", sys.executable), opt="signsgd", tag="quality")
+            run(args, "sparsify", pythons["sparsify"], tag="quality")
         print()
         print(report(args.data_dir, args.run_id))
 

@@ -41,7 +41,7 @@ Edge attributes
                        into "metric": the node's direct effect on m
 
 Graph attributes (graph.graph)
-    method str ("atp" | "ig" | "exact"), per_position bool, n_layers int, n_prompts int,
+    method str ("atp" | "ig" | "ig-input" | "exact"), per_position bool, n_layers int, n_prompts int,
     sites list[str] (forward order), metric_clean float, metric_cf float (means), and the
     pruning arguments used: node_threshold, top_k, node_fraction, edge_threshold,
     edge_fraction (None when unused; left out of GraphML when None).
@@ -72,6 +72,8 @@ from typing import Any, Iterable, Mapping
 
 import networkx as nx
 import torch
+
+from sae.io import atomic_path
 
 from .attribution import NodeEffects
 from .edges import EdgeEffects
@@ -284,14 +286,16 @@ def from_json(data: Mapping[str, Any]) -> nx.DiGraph:
 
 
 def save_graph(graph: nx.DiGraph, path: str | Path) -> Path:
-    """Write `graph` as node-link JSON (".json") or GraphML (".graphml"), by suffix."""
+    """Write `graph` as node-link JSON (".json") or GraphML (".graphml"), by suffix, atomically
+    (an existing file is replaced only by a complete new one)."""
     path = Path(path)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(to_json(graph), indent=1))
-    elif path.suffix == ".graphml":
-        nx.write_graphml(_graphml_safe(graph), path)
-    else:
+    if path.suffix not in (".json", ".graphml"):
         raise ValueError(f"unknown graph file type {path.suffix!r} for {path}: use .json or .graphml")
+    with atomic_path(path) as tmp:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(to_json(graph), indent=1))
+        else:
+            nx.write_graphml(_graphml_safe(graph), tmp)
     return path
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any, Iterable
 
 import graphviz
 import networkx as nx
+
+from sae.io import atomic_path
 
 FORMATS = ("svg", "png", "pdf")
 LAYOUTS = ("layered", "positions")
@@ -344,15 +345,6 @@ def render(graph: nx.DiGraph, path: str | os.PathLike, format: str | None = None
         err = (e.stderr or b"").decode(errors="replace").strip() if isinstance(e.stderr, bytes) else str(e.stderr)
         raise RuntimeError(f"Graphviz `{dot.engine}` failed on this graph (exit {e.returncode}): {err}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path

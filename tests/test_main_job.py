@@ -12,13 +12,16 @@ def test_main_job_writes_graph_svg_and_report(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "circuits.main", "--sites", "resid.[5-7]", "--tokens", "2048", "--train-batch", "512", "--eval-tokens", "128",
            "--ce-tokens", "64", "--prompts", "4", "--edge-prompts", "2", "--top-k", "2", "--corpus-tokens", "512",
+           "--circuit-sites", "resid.5,resid.7", "--curve-nodes", "40",
            "--runs", str(tmp_path / "runs"), "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     graph = json.loads((out / "circuit.json").read_text())
     report = (out / "report.md").read_text()
     assert f"graph: {len(graph['nodes'])} nodes" in report
-    assert "faithfulness of the whole graph" in report and "resid.6" in report
+    assert "circuit sites: resid.5, resid.7;" in report and "resid.6" in report  # resid.6: trained, not in the circuit
+    assert "faithfulness of the graph's" in report and "nodes needed" in report
+    assert {n["site"] for n in graph["nodes"] if n.get("kind") in ("feature", "error")} <= {"resid.5", "resid.7"}
     svg = (out / "circuit.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "metric" in svg
     assert str(out.resolve()) in done.stdout  # the job names its output directory at the end
