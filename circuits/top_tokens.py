@@ -176,7 +176,10 @@ def annotate_top_tokens(graph: nx.DiGraph, model: Any, dictionaries: Mapping[str
                         n: int = 5, **options: Any) -> dict[tuple[str, int], FeatureTopTokens]:
     """Find the top activating tokens of every feature node of `graph` over `corpus` and label
     the nodes with them (`label_graph`). options: those of `top_activating_tokens` (its `n`
-    defaults to this n). Returns the full results (with contexts) for reports."""
+    defaults to this n). Returns the full results (with contexts) for reports; {} for a graph
+    without feature nodes (nothing to label)."""
+    if not any(d.get("kind") == "feature" for _, d in graph.nodes(data=True)):
+        return {}
     options.setdefault("n", n)
     tops = top_activating_tokens(model, dictionaries, corpus, graph, **options)
     label_graph(graph, tops, n=n)

@@ -354,9 +354,9 @@ def test_edge_check_against_attributed_edge_weights(setup):
     nodes = node_effects(model, dicts, ids, cf, metric, method="atp")
     edges = edge_effects(model, dicts, ids, cf, metric, nodes=nodes.select(top_k=6))
     graph = build_graph(nodes, edges, top_k=6, include_inputs=False)
-    df = check_edges(model, dicts, ids, metric, graph, top=15, ablation="patch", reference=cf)
-    assert len(df) >= 5 and df["measured"].notna().all()
-    assert df.attrs["spearman"] > 0.5
+    df = check_edges(model, dicts, ids, metric, graph, top=30, ablation="patch", reference=cf)
+    assert len(df) == 30 and df["measured"].notna().all()
+    assert df.attrs["spearman"] > 0.7  # over 30 edges (few-edge rank correlations are noisy)
     big = df.iloc[df["weight"].abs().argmax()]
     assert np.sign(big["weight"]) == np.sign(big["measured"])
 

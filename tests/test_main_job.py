@@ -18,7 +18,7 @@ def test_main_job_writes_graph_svg_and_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     graph = json.loads((out / "circuit.json").read_text())
     report = (out / "report.md").read_text()
-    assert f"graph: {len(graph['nodes'])} nodes" in report
+    assert f"{len(graph['nodes'])} nodes, {len(graph['edges'])} edges" in report
     assert "circuit sites: resid.5, resid.7;" in report and "resid.6" in report  # resid.6: trained, not in the circuit
     assert "faithfulness of the graph's" in report and "nodes needed" in report
     assert {n["site"] for n in graph["nodes"] if n.get("kind") in ("feature", "error")} <= {"resid.5", "resid.7"}

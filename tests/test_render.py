@@ -219,6 +219,8 @@ def test_label_graph_with_top_tokens(corpus_setup, tmp_path):
     assert show_token(g.nodes["resid.1/f7"]["top_tokens"][0]).strip() in shown or "‘" in shown
     label_graph(g, {}, n=2)                                             # nothing known: unchanged
     assert len(g.nodes["resid.1/f7"]["top_tokens"]) == 3
+    errors_only = g.subgraph(["resid.1/err"]).copy()                   # e.g. a circuit of error nodes
+    assert annotate_top_tokens(errors_only, model, dicts, corpus) == {}
     with pytest.raises(ValueError, match="no dictionary"):
         top_activating_tokens(model, dicts, corpus, [("resid.0", 1)])
     with pytest.raises(ValueError, match="out of range"):
