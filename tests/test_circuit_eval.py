@@ -152,6 +152,31 @@ def test_circuit_metric_matches_a_hooked_forward(setup):
     assert score.m_empty == pytest.approx(float(metric(logits).mean()), rel=1e-4, abs=1e-5)
 
 
+def test_patching_every_node_that_differs_restores_the_clean_run(setup):
+    """Patch ablation: nodes whose clean and counterfactual values agree need not be in C. The
+    circuit of all (site, feature, position) nodes that differ keeps m(M) exactly, although
+    every node outside it is set to the counterfactual's value at every site; drop one of its
+    strongest nodes and the metric moves."""
+    from interventions.spliced import run_spliced
+
+    model, dicts, ids, cf = setup
+    a, b = run_spliced(model, dicts, ids, logits=False), run_spliced(model, dicts, cf, logits=False)
+    differ = []
+    for s in dicts:
+        for q, j in (a.codes[s] != b.codes[s]).any(0).nonzero().tolist():
+            differ.append(Node(s, j, q))
+        differ += [Node(s, "error", q) for q in (a.errors[s] != b.errors[s]).any(-1).any(0).nonzero()[:, 0].tolist()]
+    total = sum(d.n_latents + 1 for d in dicts.values()) * ids.shape[1]
+    assert 0 < len(differ) < total
+    kept = faithfulness(model, dicts, ids, metric, differ, ablation="patch", reference=cf)
+    assert kept.faithfulness == pytest.approx(1.0, abs=1e-9) and kept.m_circuit == pytest.approx(kept.m_full, abs=1e-9)
+    last_error = Node(list(dicts)[-1], "error", ids.shape[1] - 1)
+    assert last_error in differ
+    dropped = faithfulness(model, dicts, ids, metric, [n for n in differ if n != last_error], ablation="patch",
+                           reference=cf)
+    assert abs(dropped.m_circuit - kept.m_full) > 1e-4
+
+
 def test_zero_and_patch_ablations(setup):
     model, dicts, ids, cf = setup
     one = {"resid.1": dicts["resid.1"]}
