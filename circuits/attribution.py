@@ -8,7 +8,7 @@ indirect effect of a node a is
 
     IE(a) = m(clean | do(a := a_cf)) - m(clean)
 
-with every later site recomputed by the model. Three ways to get it (`method=`):
+with every later site recomputed by the model. Four ways to get it (`method=`):
 
 - "atp", attribution patching (Syed, Rager & Conmy 2023, "Attribution Patching Outperforms
   Automated Circuit Discovery", arXiv 2310.10348; Marks et al. §2): one forward+backward on
@@ -380,9 +380,10 @@ def node_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counte
     metric: logits [batch, pos, vocab] -> [batch]; when batch_size splits the examples, a metric
     of two arguments is called as metric(logits, rows) with rows the examples' slice (e.g.
     `lambda lg, rows: logit_diff(lg, dataset[rows])`).
-    method: "atp" | "ig" (steps, per site) | "ig-input" (steps, all sites at once) | "exact". per_position: keep positions (else summed).
-    batch_size: examples per chunk (None: all at once). max_rows: batch rows per forward for the
-    repeated batches of "ig" and "exact"."""
+    method: "atp" | "ig" (steps, per site) | "ig-input" (steps, all sites at once) | "exact".
+    per_position: keep positions (else summed). batch_size: examples per chunk (None: all at
+    once). max_rows: batch rows per forward for the repeated batches of "ig", "ig-input" and
+    "exact"."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method in ("ig", "ig-input") and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):

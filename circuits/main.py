@@ -17,7 +17,8 @@
 
 Why a subset of layers: every node outside the circuit is ablated at every circuit site, and the
 losses compound from site to site. On the default model with all 30 residual sites even the top
-3,000 nodes keep ~1% of the logit difference; with the 5 default sites they keep most of it
+3,000 per-position nodes keep almost none of the logit difference (faithfulness 0.004 with mean,
+0.06 with counterfactual ablation); with the 5 default sites they keep ~90% of it
 (`--circuit-sites 'resid.*'` reproduces the first).
 """
 from __future__ import annotations
@@ -54,7 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> Path:
     from interventions.tasks import make_ioi, logit_diff
     from sae.cli import train_and_evaluate
-
     from sae.sites import resolve_sites
 
     from .attribution import node_effects
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> Path:
     edges = edge_effects(model, dicts, clean[:n], cf[:n], metric, nodes=keep, per_position=True)
     graph = build_graph(nodes, edges, top_k=args.top_k)
     every = torch.cat([e.abs().flatten() for e in nodes.effects.values()])
-    budget = min(args.curve_nodes, int((every > 0).sum()))
+    budget = max(1, min(args.curve_nodes, int((every > 0).sum())))
     large = build_graph(nodes, node_threshold=float(every.topk(budget).values[-1]), include_inputs=False)
     timings["attribution"] = time.perf_counter() - t
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def nodes_needed(curve: pd.DataFrame, level: float) -> str:
-    """The smallest node count of the curve whose faithfulness reaches `level` ("> N" if none)."""
+    """The smallest node count of the curve whose faithfulness reaches `level` (or "more than N")."""
     hit = curve[curve.faithfulness >= level]
     return f"{int(hit.n_nodes.min()):,}" if len(hit) else f"more than {int(curve.n_nodes.max()):,}"
 
