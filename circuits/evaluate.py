@@ -303,6 +303,13 @@ class _Ablator:
         return out
 
     # masks -----------------------------------------------------------------------------------
+    def nodes_of(self, circuit: Any) -> dict[Any, Node]:
+        """`circuit_nodes(circuit)`, each checked against these dictionaries and inputs."""
+        nodes = circuit_nodes(circuit)
+        for key, node in nodes.items():
+            self.check_node(node, key)
+        return nodes
+
     def check_node(self, node: Node, key: Any = None) -> Node:
         where = f"node {key if key is not None else node!r}"
         if node.site not in self.dicts:
@@ -422,9 +429,7 @@ def _scores(n_nodes: int, m_c: float, m_comp: float, m_full: float, m_empty: flo
 
 
 def _circuit_masks(ab: _Ablator, circuit: Any):
-    nodes = circuit_nodes(circuit)
-    for key, node in nodes.items():
-        ab.check_node(node, key)
+    nodes = ab.nodes_of(circuit)
     return ab.masks(nodes.values()), len(nodes)
 
 
@@ -474,9 +479,7 @@ def faithfulness_curve(model: Any, dictionaries: Mapping[str, Any], inputs: Any,
     ab = _Ablator(model, dictionaries, inputs, metric, attention_mask=attention_mask, ablation=ablation,
                   reference=reference, reference_mask=reference_mask, per_position=per_position,
                   batch_size=batch_size)
-    nodes = circuit_nodes(graph)
-    for key, node in nodes.items():
-        ab.check_node(node, key)
+    nodes = ab.nodes_of(graph)
     variants, sizes = [ab.ablate(ab.masks([]), invert=True)], []
     for t in thresholds:
         chosen = [nodes[key] for key, e in eff.items() if e >= t and key in nodes]
@@ -505,9 +508,7 @@ def ablation_effects(model: Any, dictionaries: Mapping[str, Any], inputs: Any, m
     ab = _Ablator(model, dictionaries, inputs, metric, attention_mask=attention_mask, ablation=ablation,
                   reference=reference, reference_mask=reference_mask, per_position=per_position,
                   batch_size=batch_size)
-    parsed = circuit_nodes(nodes)
-    for key, node in parsed.items():
-        ab.check_node(node, key)
+    parsed = ab.nodes_of(nodes)
     keys = list(parsed)
     results = ab.run([ab.ablate(ab.masks([parsed[k]])) for k in keys])
     return pd.Series([float((r - ab.m_clean).mean()) for r in results], index=pd.Index(keys, dtype=object),

@@ -376,8 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(Path(df.attrs["files"]["md"]).read_text())
-    print("wrote " + ", ".join(str(f) for f in df.attrs["files"].values()))
+    rp.print_outputs(df)
 
 
 if __name__ == "__main__":

@@ -364,8 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, OSError, ImportError, argparse.ArgumentTypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(Path(curves.attrs["files"]["md"]).read_text())
-    print("wrote " + ", ".join(str(f) for f in curves.attrs["files"].values()))
+    rp.print_outputs(curves)
 
 
 if __name__ == "__main__":

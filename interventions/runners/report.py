@@ -130,3 +130,10 @@ def write_outputs(name: str, df: pd.DataFrame, out_dir: str | Path, plot: Any, m
             "summary_csv": write_csv(df.attrs["summary"], out / f"{name}_summary.csv"),
             "png": plot(df, out / f"{name}.png"),
             "md": write_text(out / f"{name}.md", markdown)}
+
+
+def print_outputs(df: pd.DataFrame) -> None:
+    """Print the markdown report written by `write_outputs` (df.attrs["files"]) and the file list."""
+    files = df.attrs["files"]
+    print(Path(files["md"]).read_text())
+    print("wrote " + ", ".join(str(f) for f in files.values()))
