@@ -13,7 +13,7 @@
 #   saelens   pip install sae-lens              (a dry run first: must not touch torch)
 #   sparsify  pip install eai-sparsify          (same)
 #   dl        dictionary-learning==0.1.0 pins nnsight>=0.3,<0.4, whose torchvision requirement
-#             would replace torch with a CUDA build (training notes §8.1). So: --no-deps for the
+#             would replace torch with a CUDA build. So: --no-deps for the
 #             package itself and for nnsight==0.3.7 (the package's __init__ imports nnsight), their
 #             runtime deps listed explicitly except torchvision, torch pinned by a constraint file.
 set -euo pipefail

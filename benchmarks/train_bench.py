@@ -1,5 +1,5 @@
-"""SAE training benchmark on synthetic superposition data with a known dictionary (training
-notes §8.2): throughput (tokens/s), reconstruction (FVU), sparsity, dead latents and recovery of
+"""SAE training benchmark on synthetic superposition data with a known dictionary:
+throughput (tokens/s), reconstruction (FVU), sparsity, dead latents and recovery of
 the ground-truth directions (MMCS), for our trainer and, side by side, the peers' trainers
 (sparsify, dictionary_learning, SAELens), each run with that library's own training code.
 
@@ -13,7 +13,7 @@ memory map, whose touched pages would count in the resident set and hide the tra
 
 Common settings: TopK, k = 32, 2,304 latents (4×), batch 4,096, 819,200 tokens (200 steps),
 1 thread (`torch.set_num_threads`): the machine is shared and oversubscribed threads distort
-timings (notes §8.2). Each library's own learning-rate rule; Adam runs warm up for 25 steps;
+timings. Each library's own learning-rate rule; Adam runs warm up for 25 steps;
 schedule-free sign-descent runs (sparsify's default, our `optimizer="signsgd"`) use no warm-up,
 as sparsify does.
 

@@ -7,6 +7,7 @@ graphs (imports `interventions` and `sae`). Public names are imported lazily so 
     build_graph(nodes, edges, ...) -> networkx.DiGraph; save_graph / load_graph            (circuits.graph)
     render(graph, "circuit.svg")                                                          (circuits.rendering)
     faithfulness / faithfulness_curve / check_edges / check_nodes                          (circuits.evaluate)
+    parse_node("resid.3/f12@4") -> Node(site, feature, position)                        (circuits.nodes)
     trace_feature(model, dicts, inputs, (site, feature)) -> networkx.DiGraph               (circuits.trace)
     annotate_top_tokens(graph, model, dicts, corpus)                                      (circuits.top_tokens)
 """
@@ -37,7 +38,9 @@ _EXPORTS = {
     "check_nodes": "circuits.evaluate",
     "check_edges": "circuits.evaluate",
     "ranking_agreement": "circuits.evaluate",
-    "parse_node": "circuits.evaluate",
+    "parse_node": "circuits.nodes",
+    "Node": "circuits.nodes",
+    "circuit_nodes": "circuits.nodes",
     "trace_feature": "circuits.trace",
     "top_activating_tokens": "circuits.top_tokens",
     "annotate_top_tokens": "circuits.top_tokens",

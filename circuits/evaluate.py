@@ -18,8 +18,9 @@ x + (ē - e) (error). Reference values (`ablation`):
 
     "mean"   over the reference batch's real tokens (default: the inputs themselves), per position
              when per_position=True (SFC's default; sequences must then have equal length):
-             a[p] = mean_b c[b, p]; else one mean over all tokens. The error node gets the mean
-             error, so ablating a whole site gives decode(ā) + ē = mean activation there.
+             a[p] = mean_b c[b, p]; else one mean over all tokens (both `interventions.means.
+             token_mean`, the toolkit's one mean-ablation reference). The error node gets the
+             mean error, so ablating a whole site gives decode(ā) + ē = mean activation there.
     "zero"   a = 0, ē = 0 (ablating a whole site leaves decode(0) = b_dec there).
     "patch"  the codes and errors of a counterfactual batch (same shape) at the same position.
 
@@ -61,86 +62,25 @@ a position is given (the metric of `circuits.trace`).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
 
+from interventions.means import token_mean
 from interventions.spliced import SplicedRun, check_dictionaries, dictionary_tensor, run_spliced, token_batch
 from sae.baselines import IdentityDictionary
 
 from .attribution import INPUT_SITE, metric_caller
+from .nodes import Node, circuit_nodes, parse_node
 
 ABLATIONS = ("mean", "zero", "patch")
 #: A metric: logits [batch, pos, vocab] -> [batch]; or a feature node whose activation is the
 #: metric ("resid.3/f12", "resid.3/f12@4", or (site, feature[, position])).
 Metric = Union[Callable[[torch.Tensor], torch.Tensor], str, tuple]
-
-
-class Node(NamedTuple):
-    """A node of M: (site, feature id or "error", position or None = every position)."""
-
-    site: str
-    feature: Union[int, str]
-    position: Union[int, None] = None
-
-    @property
-    def id(self) -> str:
-        """The graph id (`circuits.graph`): "resid.3/f12", "resid.3/err", + "@pos" when it has one."""
-        base = f"{self.site}/err" if self.feature == "error" else f"{self.site}/f{int(self.feature)}"
-        return base if self.position is None else f"{base}@{int(self.position)}"
-
-
-_ID = re.compile(r"^(?P<site>[^/@]+)/(?:f(?P<feat>\d+)|(?P<err>err(?:or)?))(?:@(?P<pos>\d+))?$")
-
-
-def parse_node(node: Any, graph: nx.DiGraph | None = None) -> Node | None:
-    """A `Node` from a graph node (by its attributes), an id string or a (site, feature[,
-    position]) tuple; None for input and metric nodes."""
-    if graph is not None and node in graph:
-        d = graph.nodes[node]
-        kind = d.get("kind")
-        if kind in ("input", "metric"):
-            return None
-        if kind not in ("feature", "error"):
-            raise ValueError(f"graph node {node!r} has kind {kind!r}; expected feature, error, input or metric")
-        feat = "error" if kind == "error" else int(d["feature"])
-        pos = d.get("position")
-        return Node(str(d["site"]), feat, None if pos is None else int(pos))
-    if isinstance(node, Node):
-        return node
-    if isinstance(node, tuple) and len(node) in (2, 3) and isinstance(node[0], str):
-        feat = node[1]
-        if not (feat == "error" or (isinstance(feat, int) and not isinstance(feat, bool))):
-            raise ValueError(f"node {node!r}: the feature must be an int or 'error'")
-        return Node(node[0], feat, node[2] if len(node) == 3 else None)
-    if isinstance(node, str):
-        if node == "metric" or node.startswith("input/"):
-            return None
-        m = _ID.match(node)
-        if not m:
-            raise ValueError(f"cannot parse node id {node!r}: expected 'site/f<id>' or 'site/err', "
-                             f"optionally with '@<pos>' (e.g. 'resid.3/f12@4')")
-        feat = "error" if m["err"] else int(m["feat"])
-        return Node(m["site"], feat, None if m["pos"] is None else int(m["pos"]))
-    raise TypeError(f"a node is a graph node id, an id string or a (site, feature[, position]) tuple; "
-                    f"got {node!r}")
-
-
-def circuit_nodes(circuit: Any) -> dict[Any, Node]:
-    """{original key: Node} for a circuit graph (its feature and error nodes) or an iterable of
-    node ids / tuples."""
-    if isinstance(circuit, nx.Graph):
-        out = {n: parse_node(n, circuit) for n in circuit.nodes}
-    elif isinstance(circuit, (str, tuple)) and not isinstance(circuit, Node):
-        raise TypeError("pass a circuit as a graph or a collection of nodes, not a single node")
-    else:
-        out = {n: parse_node(n) for n in circuit}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _effects(scores: Any) -> pd.Series:
@@ -286,20 +226,11 @@ class _Ablator:
             return {s: (codes[s].detach(), errors[s].detach()) for s in self.sites}
         out = {}
         for s in self.sites:
-            c, e = codes[s].detach(), errors[s].detach()
-            w = torch.ones(c.shape[:2], dtype=c.dtype, device=c.device) if mask is None else mask.to(c)
-            if per_position:
-                count = w.sum(0)                                                # [p]
-                token_mean_c = (c * w[..., None]).sum((0, 1)) / w.sum().clamp_min(1)
-                token_mean_e = (e * w[..., None]).sum((0, 1)) / w.sum().clamp_min(1)
-                mc = (c * w[..., None]).sum(0) / count.clamp_min(1)[:, None]     # [p, n]
-                me = (e * w[..., None]).sum(0) / count.clamp_min(1)[:, None]     # [p, d]
-                empty = count == 0                                              # padding everywhere
-                mc[empty], me[empty] = token_mean_c, token_mean_e
-                out[s] = (mc[None], me[None])
-            else:
-                out[s] = (((c * w[..., None]).sum((0, 1)) / w.sum().clamp_min(1))[None, None],
-                          ((e * w[..., None]).sum((0, 1)) / w.sum().clamp_min(1))[None, None])
+            c, e = codes[s].detach(), errors[s].detach()                       # [b, p, n], [b, p, d]
+            if per_position:                                                    # [1, p, n], [1, p, d]
+                out[s] = (token_mean(c, mask, per_position=True)[None], token_mean(e, mask, per_position=True)[None])
+            else:                                                               # [1, 1, n], [1, 1, d]
+                out[s] = (token_mean(c, mask)[None, None], token_mean(e, mask)[None, None])
         return out
 
     # masks -----------------------------------------------------------------------------------

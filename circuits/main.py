@@ -15,6 +15,11 @@
    the top --curve-nodes nodes: how many nodes the behaviour needs.
 6. circuit.json, circuit.svg and report.md in the output directory, named at the end.
 
+Every option is checked before anything loads: bad values exit with status 2 and one line naming
+the option, the value and what is valid; site names (--sites, --circuit-sites) and sizes are
+checked against the model's config read from its files (`sae.model_info`, well under a second),
+and again on the loaded model before training when the config cannot be read (a hub id).
+
 Why a subset of layers: every node outside the circuit is ablated at every circuit site, and the
 losses compound from site to site. On the default model with all 30 residual sites even the top
 3,000 per-position nodes keep almost none of the logit difference (faithfulness 0.004 with mean,
@@ -27,29 +32,56 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import pandas as pd
-import torch
+# torch, pandas and the model load only after every argument is checked (parse_args), so a typo
+# fails in well under a second rather than after minutes of loading and training.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from sae.cli import add_train_arguments
+    """Parse and check every option (exit status 2 and a one-line error for bad values): ranges
+    here, cross-option and model-config checks in `sae.cli.check_args` and `check_circuit_sites`."""
+    from sae.cli import add_train_arguments, check_args, int_at_least, site_list
 
     p = argparse.ArgumentParser(prog="python -m circuits.main", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.add_argument("--out", default="out/ioi-circuit", help="output directory (default out/ioi-circuit)")
-    p.add_argument("--prompts", type=int, default=32, help="IOI prompts for node effects and faithfulness")
-    p.add_argument("--edge-prompts", type=int, default=8, help="IOI prompts for edge weights (default 8)")
-    p.add_argument("--circuit-sites", default=None,
+    p.add_argument("--prompts", type=int_at_least(1), default=32, help="IOI prompts for node effects and faithfulness")
+    p.add_argument("--edge-prompts", type=int_at_least(1), default=8, help="IOI prompts for edge weights (default 8)")
+    p.add_argument("--circuit-sites", type=site_list, default=None,
                    help="comma-separated sites or globs the circuit runs through (default: every sixth "
                         "trained site, counting back from the last: resid.5,11,17,23,29 on SmolLM2)")
-    p.add_argument("--top-k", type=int, default=8, help="nodes per site in the rendered graph (default 8)")
-    p.add_argument("--curve-nodes", type=int, default=3000,
+    p.add_argument("--top-k", type=int_at_least(1), default=8, help="nodes per site in the rendered graph (default 8)")
+    p.add_argument("--curve-nodes", type=int_at_least(1), default=3000,
                    help="largest node budget of the faithfulness curve (default 3000)")
     p.add_argument("--method", default="atp", choices=["atp", "ig", "ig-input"], help="node attribution method")
-    p.add_argument("--corpus-tokens", type=int, default=16_384, help="corpus tokens for top-token labels")
-    return p.parse_args(argv)
+    p.add_argument("--corpus-tokens", type=int_at_least(1), default=16_384, help="corpus tokens for top-token labels")
+    args = p.parse_args(argv)
+    if args.circuit_sites is not None and not args.circuit_sites:
+        p.error("argument --circuit-sites: no site given; name sites or globs, e.g. 'resid.5,resid.11'")
+    info = check_args(p, args)
+    if info is not None and args.circuit_sites is not None:
+        from sae.model_info import site_names
+        try:
+            check_circuit_sites(args.circuit_sites, args.sites, site_names(info["n_layers"]))
+        except ValueError as e:
+            p.error(f"argument --circuit-sites: {e}")
+    return args
+
+
+def check_circuit_sites(circuit: list[str], trained: str, valid: list[str]) -> list[str]:
+    """The circuit sites (names or globs) among `valid`, each one a trained site (`trained`: the
+    --sites name or glob); else a ValueError naming what is wrong and what is valid."""
+    from sae.model_info import match_sites
+
+    chosen = match_sites(circuit, valid)
+    have = match_sites([trained], valid)
+    missing = [s for s in chosen if s not in have]
+    if missing:
+        raise ValueError(f"{missing} have no dictionary: --sites {trained!r} trains only "
+                         f"{have if len(have) <= 6 else have[:3] + ['...'] + have[-2:]}")
+    return chosen
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -64,19 +96,22 @@ def run(args: argparse.Namespace) -> Path:
     from .rendering import GraphvizNotFound, render
     from .top_tokens import annotate_top_tokens
 
+    import torch
+
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, corpus, trained, table = train_and_evaluate(args)
+
+    def sites_exist(model: Any) -> None:   # the exact check on the loaded model, before training
+        if args.circuit_sites is not None:
+            check_circuit_sites(args.circuit_sites, args.sites, [s.name for s in resolve_sites(model, "*")])
+    model, corpus, trained, table = train_and_evaluate(args, before_training=sites_exist)
     timings = {"dictionaries": time.perf_counter() - t0}
     if args.circuit_sites is None:
         chosen = list(trained)[::-1][::6][::-1]
     else:
-        chosen = [s.name for s in resolve_sites(model, [x.strip() for x in args.circuit_sites.split(",") if x.strip()])]
-    missing = [s for s in chosen if s not in trained]
-    if missing:
-        raise ValueError(f"--circuit-sites {missing} have no trained dictionary; trained sites: {list(trained)}")
+        chosen = check_circuit_sites(args.circuit_sites, args.sites, list(trained))
     dicts = {s: trained[s] for s in chosen}
+    out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
     ioi = make_ioi(model.tokenizer, n=args.prompts, counterfactual="ABC", seed=0)
@@ -118,7 +153,7 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
-def nodes_needed(curve: pd.DataFrame, level: float) -> str:
+def nodes_needed(curve, level: float) -> str:
     """The smallest node count of the curve whose faithfulness reaches `level` (or "more than N")."""
     hit = curve[curve.faithfulness >= level]
     return f"{int(hit.n_nodes.min()):,}" if len(hit) else f"more than {int(curve.n_nodes.max()):,}"
@@ -189,6 +224,9 @@ def write_report(out: Path, model, ioi, nodes, graph, rendered, table, curve, ti
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    import pandas as pd
+
+    pd.set_option("display.width", 160)
     try:
         run(args)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -197,5 +235,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    pd.set_option("display.width", 160)
     main()

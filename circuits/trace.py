@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import networkx as nx
 import torch
 
+from interventions.means import token_mean
 from interventions.spliced import check_dictionaries, dictionary_tensor, run_spliced, token_batch
 
 from .evaluate import Node, ablation_effects, parse_node
@@ -137,9 +138,8 @@ def trace_feature(model: Any, dictionaries: Mapping[str, Any], inputs: Any, targ
         if ablation == "zero":
             ref[s] = (torch.zeros_like(c[:1]), torch.zeros_like(e[:1]))
         else:
-            wt = real_tokens.to(c)[..., None]
-            count = wt.sum(0).clamp_min(1)                                     # [p, 1]
-            ref[s] = (((c * wt).sum(0) / count)[None], ((e * wt).sum(0) / count)[None])
+            ref[s] = (token_mean(c, real_tokens, per_position=True)[None],     # [1, p, n]
+                      token_mean(e, real_tokens, per_position=True)[None])     # [1, p, d]
         total[s] = _scores(gc, ge, c, e, *ref[s], keep_positions)
     a_mean = float(a.detach().mean())
 

@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from interventions import erase
-from interventions.erasure import collateral, fit_probe
+from interventions.erasure import collateral, edited_positions, fit_probe
 from interventions.runners import get_saes, load_corpus_for
-from interventions.runners.erasure_bench import edited_positions, token_labels
+from interventions.runners.erasure_bench import token_labels
 from interventions.tasks import accuracy, make_pronouns, two_way_probability
 from sae import load_model
 from sae.harvesting import trace_sites

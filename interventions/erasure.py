@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from sae.baselines import IdentityDictionary, PCADictionary
 
 from .leace import LeaceEraser
+from .means import token_mean
 from .patching import set_codes
 from .spliced import Edit, Positions, SplicedRun, check_dictionaries, position_mask, run_spliced, token_batch
 
@@ -164,7 +165,7 @@ def select_concept_features(model: Any, dictionaries: Mapping[str, Any], site: s
         run = run_spliced(model, dicts, ids, mask, grad=True, metric=metric)
         c = run.codes[site].detach()
         g, _ = run.grads(site)
-        ref = c[real].mean(0) if ablation == "mean" else torch.zeros_like(c[0, 0])
+        ref = token_mean(c, real) if ablation == "mean" else torch.zeros_like(c[0, 0])
         scores = ((c - ref) * g * real[..., None]).sum(1).mean(0).double()   # [n_latents]
     order = scores.argsort(descending=True)
     return (order if k is None else order[:k]).cpu(), scores.cpu()
@@ -289,7 +290,7 @@ def erase(model: Any, dictionaries: Mapping[str, Any] | None, site: str, inputs:
                                             ablation=ablation, attention_mask=mask, positions=positions)
     if ablation == "mean":
         codes = run_spliced(model, dicts, ids, mask, logits=False).codes[site]
-        values = codes[real].mean(0)[feats.to(codes.device)].detach()
+        values = token_mean(codes, real)[feats.to(codes.device)].detach()
     else:
         values = torch.zeros(len(feats))
     return Erasure(site, method, d, features=feats, values=values, scores=scores,
@@ -308,20 +309,32 @@ def feature_erasure(dictionary: Any, site: str, features: Any, values: torch.Ten
 
 
 # --- the report -----------------------------------------------------------------------------------
+def edited_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Where an erasure acts by default: every position but 0, bool [batch, pos]. Position 0
+    holds BOS or, in SmolLM2, the attention-sink token (~100x the others' norm): editing it
+    would dominate the edit size and the collateral damage while carrying no concept."""
+    where = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    where[:, 0] = False
+    return where
+
+
 def erasure_report(model: Any, erasure: Erasure, inputs: Any, labels: torch.Tensor, *,
                    metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    attention_mask: torch.Tensor | None = None, positions: Positions = None,
                    unrelated: Any = None, unrelated_mask: torch.Tensor | None = None,
                    train_fraction: float = 0.5, seed: int = 0) -> dict[str, float]:
     """The numbers of the module docstring for `erasure` on held-out `inputs` with `labels`
-    (as in `erase`), as a flat dict (one DataFrame row). The probe is fitted on a random
-    `train_fraction` of the labelled tokens and tested on the rest; `metric` (logits ->
-    [batch] or scalar, averaged) and `unrelated` (token ids or text) are optional (NaN if absent)."""
+    (as in `erase`), as a flat dict (one DataFrame row). The erasure acts at every position but
+    0 (`edited_positions`), and the probes and edit size are measured on those tokens. The probe
+    is fitted on a random `train_fraction` of the labelled tokens and tested on the rest; `metric`
+    (logits -> [batch] or scalar, averaged) and `unrelated` (token ids or text) are optional (NaN
+    if absent)."""
     ids, mask = token_batch(model, inputs, attention_mask)
     site = erasure.site
     plain = run_spliced(model, erasure.dictionaries, ids, mask, logits=metric is not None)
-    erased = erasure.run(model, ids, mask, logits=metric is not None)
-    real = _real(ids, mask)
+    edited = edited_positions(ids)
+    erased = erasure.run(model, ids, mask, positions=edited, logits=metric is not None)
+    real = _real(ids, mask) & edited
     out: dict[str, float] = {"method": erasure.method, "site": site}
     out["n_features"] = float(len(erasure.features)) if erasure.features is not None else math.nan
     out["rank"] = float(erasure.eraser.rank) if erasure.eraser is not None else math.nan
@@ -330,6 +343,7 @@ def erasure_report(model: Any, erasure: Erasure, inputs: Any, labels: torch.Tens
     out["edit_l2"] = float(erased.edit_norm(site)[real].mean())
 
     where, z = label_positions(labels, ids, mask, positions)
+    where = where & edited
     x, x_erased, y = erased.acts[site][where], erased.outputs[site][where], z[where].cpu()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_train = int(round(train_fraction * len(y)))
@@ -348,8 +362,8 @@ def erasure_report(model: Any, erasure: Erasure, inputs: Any, labels: torch.Tens
     if unrelated is not None:
         u_ids, u_mask = token_batch(model, unrelated, unrelated_mask)
         clean = run_spliced(model, erasure.dictionaries, u_ids, u_mask).logits
-        edited = erasure.run(model, u_ids, u_mask).logits
-        out.update(collateral(clean, edited, u_ids, u_mask))
+        erased_u = erasure.run(model, u_ids, u_mask, positions=edited_positions(u_ids)).logits
+        out.update(collateral(clean, erased_u, u_ids, u_mask))
     return out
 
 

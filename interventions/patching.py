@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .means import token_mean
 from .spliced import (Edit, Features, Positions, SplicedRun, dictionary_tensor, position_mask, resolve_features,
                      run_spliced, token_batch)
 
@@ -181,7 +182,5 @@ def _ablation_values(model, dicts, feats, mode, ids, mask, reference, reference_
         if mode == "resample":
             values[s] = codes
         else:
-            keep = torch.ones(codes.shape[:2], dtype=torch.bool, device=codes.device) if ref_mask is None \
-                else ref_mask.to(codes.device).bool()
-            values[s] = codes[keep].mean(0)                                    # [k]
+            values[s] = token_mean(codes, ref_mask)                            # [k]
     return values

@@ -33,10 +33,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+
+from . import metrics
+from .metrics import fvu  # noqa: F401 - the package's one FVU, importable from here as before
 
 ARCHITECTURES: dict[str, type["Dictionary"]] = {}
 
@@ -51,6 +54,10 @@ class TrainState:
     step: int = 0
     total_steps: int = 1
     dead_mask: torch.Tensor | None = None  # [n_latents] bool: no activation within the dead window
+    #: data parallel training: sums a tensor over ranks (in place, returns it); None in one process.
+    #: Objectives with batch-level statistics (TopK's FVU and AuxK normalisers) reduce them with it,
+    #: so every rank's loss is its slice of the single-process loss of the global batch.
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def progress(self) -> float:  # in [0, 1], for warmups of sparsity coefficients
@@ -122,13 +129,6 @@ def check_x(x: torch.Tensor, d_in: int, who: str) -> None:
         raise ValueError(f"{who} expects inputs [..., d_in={d_in}], got shape {tuple(x.shape)}")
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained on a batch: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    num = (x - x_hat).pow(2).sum()
-    den = (x - x.mean(0, keepdim=True)).pow(2).sum()
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
-
-
 class Dictionary(nn.Module):
     """Base class. Subclasses set `architecture`, implement `encode`/`decode`, expose `W_dec`
     [n_latents, d_in] (an `nn.Parameter`/buffer named `W_dec`, or a property), and list their
@@ -186,13 +186,16 @@ class Dictionary(nn.Module):
     def training_loss(self, x: torch.Tensor, state: TrainState) -> tuple[torch.Tensor, dict[str, float]]:
         """Objective on a batch x [batch, d_in]: (scalar loss, metrics to log).
 
-        Default: squared error summed over d_in, averaged over the batch. Architectures add
-        their sparsity or auxiliary terms. Implementations set `self.last_fired`."""
+        Default: the squared error summed over d_in, averaged over the batch (`sq_err_per_token`,
+        `sae.metrics`). Architectures add their sparsity or auxiliary terms. Implementations set
+        `self.last_fired`."""
         codes = self.encode(x)
         x_hat = self.decode(codes)
         self.last_fired = (codes != 0).any(0).detach()
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        return mse, {"mse": mse.item()}
+        loss = metrics.sq_err_per_token(x, x_hat)
+        with torch.no_grad():
+            fvu = metrics.fvu(x, x_hat)
+        return loss, {"sq_err_per_token": loss.item(), "fvu": fvu.item()}
 
     # --- initialisation and normalisation -------------------------------------------------
     @torch.no_grad()

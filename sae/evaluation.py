@@ -2,9 +2,11 @@
 dictionary spliced in. One DataFrame row per site.
 
 Definitions (x: activations at kept tokens, x̂ = decode(encode(x)), sums in float64 over the
-evaluation window of `tokens` kept tokens; position 0 and padding are excluded as in harvesting):
+evaluation window of n = `tokens` kept tokens, width d; position 0 and padding are excluded as in
+harvesting; the reconstruction metrics are `sae.metrics`' `ReconstructionSums`):
 
-    mse            mean over tokens of ||x - x̂||² / d            (per element)
+    mse            Σ||x - x̂||² / (n d)                           (mean over elements)
+    sq_err_per_token  Σ||x - x̂||² / n                            (summed over d, mean over tokens)
     fvu            Σ||x - x̂||² / Σ||x - x̄||²                      (x̄: mean over the window; Gao et al.)
     explained_var  1 - fvu
     cosine         mean over tokens of cos(x, x̂)
@@ -35,16 +37,14 @@ from tqdm.auto import tqdm
 
 from . import tracing
 from .dictionary import Dictionary
+from .metrics import ReconstructionSums
 from .harvesting import as_token_batch, token_mask
 from .sites import resolve_sites
 
 
 @dataclass
 class _Sums:
-    tokens: int = 0
-    sq_err: float = 0.0
-    x_sum: torch.Tensor | None = None
-    x_sq: float = 0.0
+    rec: ReconstructionSums = field(default_factory=ReconstructionSums)
     cosine: float = 0.0
     l0: float = 0.0
     fires: torch.Tensor | None = None
@@ -56,10 +56,7 @@ class _Sums:
 
     def add_reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
-        self.tokens += x.shape[0]
-        self.sq_err += float((x - x_hat).pow(2).sum())
-        self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
-        self.x_sq += float(x.pow(2).sum())
+        self.rec.add(x, x_hat)
         self.cosine += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
         fired = codes != 0
         self.l0 += float(fired.sum())
@@ -164,11 +161,10 @@ def _table(model, sites, dictionaries, sums, ce_clean: float, dense_threshold: f
     rows, worst_rows = [], []
     for site in sites:
         s, d = sums[site.name], dictionaries[site.name]
-        n = s.tokens
-        total_var = s.x_sq - float(s.x_sum.pow(2).sum()) / n
+        n = s.rec.tokens
         fire_rate = s.fires.double() / n
         row = {"site": site.name, "architecture": d.architecture, "n_latents": d.n_latents, "tokens": n,
-               "mse": s.sq_err / (n * site.width), "fvu": s.sq_err / total_var if total_var > 0 else float("nan"),
+               "mse": s.rec.mse, "sq_err_per_token": s.rec.sq_err_per_token, "fvu": s.rec.fvu,
                "cosine": s.cosine / n, "l0": s.l0 / n, "dead_frac": float((fire_rate == 0).double().mean()),
                "dense_frac": float((fire_rate > dense_threshold).double().mean())}
         row["explained_var"] = 1 - row["fvu"]

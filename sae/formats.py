@@ -32,12 +32,32 @@ Conversions are exact reparametrisations:
 - SAELens `scaling_factor` s_i multiplies codes before decoding: W_dec,i <- s_i W_dec,i.
 
 `load_any(path)` detects the format from the files present (ours: `cfg.json` + `model.safetensors`).
+
+Sites. SAELens names where an SAE reads by its TransformerLens hook (`hook_name`, top-level in
+cfg.json before v6, in `metadata` since). Loading maps it to our site and sets `d.site`;
+`save_saelens` writes the real hook name (both places):
+
+    blocks.L.hook_resid_pre    embed for L = 0, else resid.{L-1}   (the input of block L)
+    blocks.L.hook_resid_post   resid.L                              (the output of block L)
+    blocks.L.hook_attn_out     attn.L                               (after W_O, before the residual add)
+    blocks.L.hook_mlp_out      mlp.L
+    blocks.L.mlp.hook_post     mlp_hidden.L                         (the input of W_out: act(x W_gate) * x W_in
+                                                                     for gated MLPs, act(x W_in) otherwise)
+
+Hooks with no site of ours raise a ValueError saying why (pass site=... to load the weights
+anyway): `hook_mlp_in` and `hook_resid_mid` (TransformerLens' hook_mlp_in is resid_mid, the
+residual stream between attention and MLP *before* ln2; in a parallel block it is resid_pre),
+`ln2.hook_normalized` (the MLP input after its norm), `mlp.hook_pre` / `hook_pre_linear`
+(pre-activations), `attn.hook_z` (per-head outputs before W_O), `hook_embed` / `hook_pos_embed`
+(one embedding alone; blocks.0.hook_resid_pre is their sum, our embed). Our own site names are
+accepted as hook names too (files written before the mapping).
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -117,18 +137,85 @@ def _assemble(arch: str, config: dict[str, Any], tensors: dict[str, torch.Tensor
     return model.to(device=device, dtype=dtype)
 
 
+# --- SAELens hook names <-> sites (module docstring) ------------------------------------------
+_SITE = re.compile(r"^(embed|(resid|attn|mlp|mlp_hidden)\.\d+)$")
+_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post)$")
+_NO_SITE = {
+    "hook_mlp_in": "the residual stream between attention and MLP before ln2 (resid_mid)",
+    "hook_resid_mid": "the residual stream between attention and MLP",
+    "ln2.hook_normalized": "the MLP input after its LayerNorm",
+    "mlp.hook_pre": "the MLP pre-activations",
+    "mlp.hook_pre_linear": "the MLP's linear (ungated) pre-activations",
+    "attn.hook_z": "per-head attention outputs before W_O (attn.L is after W_O)",
+    "hook_embed": "the token embedding alone (blocks.0.hook_resid_pre, our embed, includes position embeddings)",
+    "hook_pos_embed": "the position embedding alone (blocks.0.hook_resid_pre is our embed)",
+}
+_MAPPED = ("blocks.L.hook_resid_pre, blocks.L.hook_resid_post, blocks.L.hook_attn_out, "
+           "blocks.L.hook_mlp_out, blocks.L.mlp.hook_post")
+
+
+def site_for_hook(hook_name: str) -> str:
+    """Our site for a SAELens/TransformerLens hook name (module docstring); our own site names
+    pass through. ValueError for hooks we have no site for."""
+    name = str(hook_name).strip()
+    if _SITE.match(name):
+        return name
+    m = _HOOK.match(name)
+    if m:
+        layer, hook = int(m[1]), m[2]
+        if hook == "hook_resid_pre":
+            return "embed" if layer == 0 else f"resid.{layer - 1}"
+        return {"hook_resid_post": "resid", "hook_attn_out": "attn", "hook_mlp_out": "mlp",
+                "mlp.hook_post": "mlp_hidden"}[hook] + f".{layer}"
+    tail = re.sub(r"^blocks\.\d+\.", "", name)
+    why = _NO_SITE.get(tail)
+    raise ValueError(f"SAELens hook {name!r} " + (f"reads {why}, where sae-circuits has no site" if why else
+                     "is not one sae-circuits maps to a site") +
+                     f"; mapped hooks: {_MAPPED} (or our site names: embed, resid.L, attn.L, mlp.L, mlp_hidden.L)")
+
+
+def hook_for_site(site: str) -> str:
+    """The SAELens/TransformerLens hook name of our site (inverse of `site_for_hook`; embed is
+    blocks.0.hook_resid_pre and resid.L is written as blocks.L.hook_resid_post)."""
+    m = _SITE.match(str(site))
+    if not m:
+        raise ValueError(f"{site!r} is not a site name; sites are embed, resid.L, attn.L, mlp.L, mlp_hidden.L")
+    if site == "embed":
+        return "blocks.0.hook_resid_pre"
+    kind, layer = str(site).split(".")
+    return f"blocks.{layer}." + {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out",
+                                 "mlp_hidden": "mlp.hook_post"}[kind]
+
+
+def saelens_hook_name(cfg: dict[str, Any]) -> str | None:
+    """The hook name of a SAELens cfg.json (v6: metadata.hook_name; before: hook_name), or None."""
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    name = meta.get("hook_name") or cfg.get("hook_name")
+    return str(name) if name else None
+
+
 # --- SAELens ---------------------------------------------------------------------------------
 def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32,
-                 norm_scaling_factor: float | None = None) -> Dictionary:
+                 norm_scaling_factor: float | None = None, site: str | None = None) -> Dictionary:
     """Load a SAELens checkpoint directory (`cfg.json` + `sae_weights.safetensors`).
 
+    The result's `site` attribute is our site for its hook name (module docstring; None when the
+    file names none); a hook with no site of ours raises, unless `site` is given (then used as is).
     `norm_scaling_factor`: for checkpoints saved with normalize_activations =
     "expected_average_only_in" (the factor was not folded in yet), the scale s the inputs were
     multiplied by during training; it is folded so the result works on raw activations."""
     path = Path(path)
     cfg_path, w_path = path / SAELENS_CFG, path / SAELENS_WEIGHTS
     cfg = _read_json(cfg_path)
+    if site is not None:
+        if not _SITE.match(str(site)):
+            raise ValueError(f"site={site!r} is not a site name; sites are embed, resid.L, attn.L, mlp.L, mlp_hidden.L")
+    elif (hook := saelens_hook_name(cfg)) is not None:
+        try:
+            site = site_for_hook(hook)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}. Pass site=... to load it at a site of your choice") from None
     state = _read_safetensors(w_path)
     arch = cfg.get("architecture", "standard")
     act_fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
@@ -191,13 +278,25 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = _assemble(name, config, tensors, device, dtype)
     if norm == "expected_average_only_in" and norm_scaling_factor != 1.0:
         model.fold_scale(float(norm_scaling_factor))
+    model.site = site
     return model
 
 
 def save_saelens(d: Dictionary, path: str | os.PathLike, hook_name: str | None = None) -> Path:
     """Write `d` as a SAELens checkpoint directory (`cfg.json` + `sae_weights.safetensors`) that
     SAELens' `load_from_disk` and `load_saelens` read back exactly. Supported: relu ("standard"),
-    topk, jumprelu; the weights are written as they are (already folded, inputs centred by b_dec)."""
+    topk, jumprelu; the weights are written as they are (already folded, inputs centred by b_dec).
+
+    hook_name: our site ("resid.3", written as its hook "blocks.3.hook_resid_post") or a hook
+    name that maps to one (written as given); default `d.site` when set. Written as `hook_name`
+    and `metadata.hook_name` (SAELens before / since v6)."""
+    hook_name = hook_name if hook_name is not None else getattr(d, "site", None)
+    if hook_name:
+        if _SITE.match(str(hook_name)):
+            hook_name = hook_for_site(hook_name)
+        else:
+            site_for_hook(hook_name)          # a hook name we map (else a ValueError saying why)
+            hook_name = str(hook_name)
     from safetensors.torch import save_file
 
     from .io import atomic_path
@@ -213,7 +312,8 @@ def save_saelens(d: Dictionary, path: str | os.PathLike, hook_name: str | None =
         tensors["threshold"] = state["threshold"]
     cfg: dict[str, Any] = {"architecture": names[d.architecture], "d_in": d.d_in, "d_sae": d.n_latents,
                            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-                           "normalize_activations": "none", "hook_name": hook_name or ""}
+                           "normalize_activations": "none", "hook_name": hook_name or "",
+                           "metadata": {"hook_name": hook_name or ""}}
     if d.architecture == "topk":
         cfg.update(k=d.k, rescale_acts_by_decoder_norm=False)
     path = Path(path)

@@ -33,6 +33,9 @@ RUN_FILE = "run.json"
 # TrainConfig fields that do not change the result: left out of the cache key.
 _PLUMBING = {"device", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every",
              "metrics_file", "progress", "wandb", "dist_backend"}
+# fields that only act on architectures with dead-latent resampling (ReLU): left out otherwise, so
+# the runs of other architectures keep their keys
+_RESAMPLING = {"resample_dead", "resample_every", "resample_until"}
 
 
 def _dirname(site: str) -> str:
@@ -45,7 +48,15 @@ def run_key(model: Any, ids: torch.Tensor, sites: list[Site], architecture: str,
     return {"model": model.name, "corpus_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
             "corpus_shape": list(ids.shape), "sites": [s.name for s in sites], "architecture": architecture,
             "dictionary": dict_kwargs, "buffer_tokens": buffer_tokens, "exclude_first": exclude_first,
-            "train": {k: v for k, v in cfg.to_dict().items() if k not in _PLUMBING}}
+            "train": {k: v for k, v in cfg.to_dict().items()
+                      if k not in _PLUMBING and (k not in _RESAMPLING or _resamples(architecture))}}
+
+
+def _resamples(architecture: str) -> bool:
+    from .dictionary import ARCHITECTURES, _ensure_registered
+
+    _ensure_registered()
+    return callable(getattr(ARCHITECTURES.get(architecture), "resample_dead", None))
 
 
 def train_at_sites(model: Any, corpus: Any, sites: str | Iterable[str], *, architecture: str = "topk",

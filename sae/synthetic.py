@@ -1,6 +1,6 @@
 """Synthetic activations from a known sparse, overcomplete dictionary (features in superposition).
 
-Generative model (the benchmark data of the training notes §8.2; the setting of Sharkey, Braun
+Generative model (the data of benchmarks/train_bench.py; the setting of Sharkey, Braun
 and Millidge 2022, "Taking features out of superposition with sparse autoencoders", and of the
 toy models of Elhage et al. 2022). With n_features > d unit ground-truth directions g_i ∈ R^d:
 
@@ -14,7 +14,7 @@ toy models of Elhage et al. 2022). With n_features > d unit ground-truth directi
 - μ: a fixed offset (random direction), ε ~ N(0, σ² I): isotropic noise. `mean_fraction` and
   `noise_fraction` are their approximate shares of E‖x‖² (c, ‖μ‖ and σ are set from them).
 - s: a global scale making E‖x‖² = d, estimated once on a calibration sample (so SAE inputs have
-  the same scale as normalised activations, training notes §3.8).
+  the same scale as normalised activations).
 
 Determinism and streaming. Token t of stream j is a pure function of (seed, j, t): tokens are made
 in blocks of `BLOCK` tokens, block b from its own generator seeded by (seed, j, b). So the data do

@@ -4,7 +4,7 @@ nnsight has broken its downstream projects on every minor release, so every nnsi
 toolkit lives here; the rest of the code asks this module to wrap a model, open a trace, read
 or write a module's input or output, save a value, or stop the forward early.
 
-nnsight 0.8 facts this relies on (see shared notes, nnsight-0.8.md):
+nnsight 0.8 facts this relies on:
 - `TransformersModel(hf_model, tokenizer=..., task="text-generation")` wraps a loaded model.
 - A trace body is compiled from its source file, so traces must live in real files.
 - Modules must be accessed in forward order within one trace; `tracer.stop()` ends the forward

@@ -176,7 +176,7 @@ def test_training_loss_is_finite_and_training_reduces_fvu(case):
     loss, metrics = m.training_loss(x[:256], TrainState(0, 40))
     assert torch.isfinite(loss) and loss.ndim == 0
     assert all(isinstance(v, float) for v in metrics.values())
-    assert {"fvu", "mse", "l0"} <= set(metrics)
+    assert {"fvu", "sq_err_per_token", "l0"} <= set(metrics) and "mse" not in metrics  # "mse": per element only
     assert m.last_fired is not None and m.last_fired.shape == (N,) and m.last_fired.dtype == torch.bool
     train(m, x, steps=40)
     with torch.no_grad():

@@ -93,36 +93,108 @@ def means(dicts, acts):
     return out
 
 
-# --- faithfulness and completeness ---------------------------------------------------------------
-def test_full_model_is_faithful_and_empty_circuit_is_not(setup):
-    model, dicts, ids, _ = setup
-    full = faithfulness(model, dicts, ids, metric, [n.id for n in all_nodes(dicts)])
-    assert full.faithfulness == pytest.approx(1.0, abs=1e-9)
-    assert full.completeness == pytest.approx(0.0, abs=1e-9)
-    assert full.m_circuit == pytest.approx(full.m_full, abs=1e-9)
-    empty = faithfulness(model, dicts, ids, metric, [])
-    assert empty.faithfulness == pytest.approx(0.0, abs=1e-9)
-    assert empty.completeness == pytest.approx(1.0, abs=1e-9)
-    assert abs(empty.m_full - empty.m_empty) > 1e-3          # the ablation does move the metric
-    assert full.n_nodes == 3 * (N_LATENTS + 1) and empty.n_nodes == 0
+# --- an independent ablation engine: explicit hooks, explicit node loops ------------------------------
+def reference_values(model, dicts, ids, ablation="mean", per_position=True, cf=None):
+    """{site: (codes [b, p, n], errors [b, p, d])} that ablated nodes take, from a plain forward of
+    the inputs (mean: over the batch, per position or over all tokens), zeros, or the
+    counterfactual's own values (patch)."""
+    _, acts = hooked(model, cf if ablation == "patch" else ids, record=list(dicts))
+    out = {}
+    for s, d in dicts.items():
+        with torch.no_grad():
+            c = d.encode(acts[s])
+            e = acts[s] - d.decode(c)
+        if ablation == "zero":
+            c, e = torch.zeros_like(c), torch.zeros_like(e)
+        elif ablation == "mean":
+            dims = (0,) if per_position else (0, 1)
+            c, e = c.mean(dims, keepdim=True).expand_as(c), e.mean(dims, keepdim=True).expand_as(e)
+        out[s] = (c, e)
+    return out
 
 
-def test_completeness_is_the_faithfulness_of_the_complement(setup):
-    model, dicts, ids, _ = setup
-    nodes = all_nodes(dicts)
-    rng = np.random.default_rng(0)
-    chosen = [nodes[i] for i in rng.choice(len(nodes), 30, replace=False)]
-    rest = [n for n in nodes if n not in set(chosen)]
-    a = faithfulness(model, dicts, ids, metric, chosen)
-    b = faithfulness(model, dicts, ids, metric, rest)
-    assert a.completeness == pytest.approx(b.faithfulness, abs=1e-6)
-    assert a.faithfulness == pytest.approx(b.completeness, abs=1e-6)
-    assert 0 < a.n_nodes == 30 and b.n_nodes == len(nodes) - 30
-    # a per-position circuit holding a node at every position is the aggregated node
+def expand(nodes, dicts, p):
+    """{(site, feature or "error", position)} with position None spelled out as every position."""
+    out = set()
+    for site, feature, position in nodes:
+        for q in (range(p) if position is None else [position]):
+            out.add((site, feature, q))
+    return out
+
+
+def every_node(dicts, p):
+    return {(s, f, q) for s, d in dicts.items() for q in range(p) for f in [*range(d.n_latents), "error"]}
+
+
+def hooked_metric(model, dicts, ids, keep, ref):
+    """mean_b m with every (site, feature, position) outside `keep` set to its reference value,
+    sites rewritten in forward order by hooks: x -> decode(c') + e' with c = encode(x) computed
+    from the already-ablated upstream run."""
     p = ids.shape[1]
-    per_pos = [Node(n.site, n.feature, q) for n in chosen for q in range(p)]
-    c = faithfulness(model, dicts, ids, metric, per_pos)
-    assert c.faithfulness == pytest.approx(a.faithfulness, abs=1e-6)
+    keep = expand(keep, dicts, p)
+
+    def edit_for(s):
+        d = dicts[s]
+        kc = torch.zeros(p, d.n_latents, dtype=torch.bool)
+        ke = torch.zeros(p, dtype=torch.bool)
+        for site, feature, q in keep:
+            if site != s:
+                continue
+            if feature == "error":
+                ke[q] = True
+            else:
+                kc[q, feature] = True
+
+        def edit(x):
+            with torch.no_grad():
+                c = d.encode(x)
+                e = x - d.decode(c)
+                rc, re_ = ref[s]
+                return d.decode(torch.where(kc, c, rc)) + torch.where(ke[:, None], e, re_)
+        return edit
+    logits, _ = hooked(model, ids, {s: edit_for(s) for s in dicts})
+    return float(metric(logits).mean())
+
+
+def random_circuit(dicts, p, n, seed):
+    """n nodes: features and errors, at one position or at all (None)."""
+    rng = np.random.default_rng(seed)
+    sites = list(dicts)
+    out = set()
+    while len(out) < n:
+        s = sites[rng.integers(len(sites))]
+        f = "error" if rng.random() < 0.15 else int(rng.integers(dicts[s].n_latents))
+        out.add((s, f, None if rng.random() < 0.5 else int(rng.integers(p))))
+    return sorted(out, key=str)
+
+
+# --- faithfulness and completeness ---------------------------------------------------------------
+@pytest.mark.parametrize("ablation,per_position", [("mean", True), ("mean", False), ("zero", True), ("patch", True)])
+def test_faithfulness_and_completeness_match_a_hooked_reference(setup, ablation, per_position):
+    """m(C), m(M \\ C), m(M) and m(∅) for M, ∅ and a random three-site circuit (features and errors,
+    per position and aggregated) against `hooked_metric`, and the ratios from those."""
+    model, dicts, ids, cf = setup
+    p = ids.shape[1]
+    ref = reference_values(model, dicts, ids, ablation, per_position, cf)
+    m_full = float(metric(hooked(model, ids)[0]).mean())
+    m_empty = hooked_metric(model, dicts, ids, [], ref)
+    options = dict(ablation=ablation, per_position=per_position, reference=cf if ablation == "patch" else None)
+    everything = every_node(dicts, p)
+    chosen = random_circuit(dicts, p, 40, seed=0)
+    for circuit in ([], sorted(everything, key=str), chosen):
+        score = faithfulness(model, dicts, ids, metric, [Node(*n).id for n in circuit], **options)
+        m_c = hooked_metric(model, dicts, ids, circuit, ref)
+        m_comp = hooked_metric(model, dicts, ids, everything - expand(circuit, dicts, p), ref)
+        for got, want in ((score.m_circuit, m_c), (score.m_complement, m_comp), (score.m_full, m_full),
+                          (score.m_empty, m_empty)):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert score.faithfulness == pytest.approx((m_c - m_empty) / (m_full - m_empty), rel=1e-3, abs=1e-4)
+        assert score.completeness == pytest.approx((m_comp - m_empty) / (m_full - m_empty), rel=1e-3, abs=1e-4)
+        assert score.n_nodes == len(circuit)
+    # the random circuit is neither M nor ∅ for the metric, so the comparison above can fail
+    assert abs(m_full - m_empty) > 1e-3
+    m_c = hooked_metric(model, dicts, ids, chosen, ref)
+    assert min(abs(m_c - m_empty), abs(m_c - m_full)) > 1e-3 * abs(m_full - m_empty)
 
 
 def test_circuit_metric_matches_a_hooked_forward(setup):
@@ -220,14 +292,24 @@ def test_faithfulness_curve(setup):
     assert last["threshold"] == 0 and last["n_nodes"] == len(nodes)
     assert last["faithfulness"] == pytest.approx(1.0, abs=1e-9)
     assert last["completeness"] == pytest.approx(0.0, abs=1e-9)
-    # each row agrees with a direct faithfulness call on the same node set
-    row = df.iloc[len(df) // 2]
-    chosen = [k for k, e in effects.items() if e >= row["threshold"]]
-    direct = faithfulness(model, dicts, ids, metric, chosen)
-    assert row["n_nodes"] == len(chosen)
-    assert row["faithfulness"] == pytest.approx(direct.faithfulness, abs=1e-6)
-    assert row["completeness"] == pytest.approx(direct.completeness, abs=1e-6)
-    assert df.attrs["m_full"] == pytest.approx(direct.m_full)
+    # every row against the hooked reference on its node set
+    ref = reference_values(model, dicts, ids)
+    p = ids.shape[1]
+    everything = every_node(dicts, p)
+    m_full = float(metric(hooked(model, ids)[0]).mean())
+    m_empty = hooked_metric(model, dicts, ids, [], ref)
+    assert df.attrs["m_full"] == pytest.approx(m_full, rel=1e-4, abs=1e-5)
+    assert df.attrs["m_empty"] == pytest.approx(m_empty, rel=1e-4, abs=1e-5)
+    for i in (0, len(df) // 2, len(df) - 2):
+        row = df.iloc[i]
+        chosen = [tuple(parse_node(k)) for k, e in effects.items() if e >= row["threshold"]]
+        assert row["n_nodes"] == len(chosen)
+        m_c = hooked_metric(model, dicts, ids, chosen, ref)
+        m_comp = hooked_metric(model, dicts, ids, everything - expand(chosen, dicts, p), ref)
+        assert row["m_circuit"] == pytest.approx(m_c, rel=1e-4, abs=1e-5)
+        assert row["m_complement"] == pytest.approx(m_comp, rel=1e-4, abs=1e-5)
+        assert row["faithfulness"] == pytest.approx((m_c - m_empty) / (m_full - m_empty), rel=1e-3, abs=1e-4)
+    assert len({round(f, 6) for f in df["faithfulness"]}) > 3                  # the curve does move
 
 
 # --- node checks ---------------------------------------------------------------------------------
@@ -253,17 +335,31 @@ def test_ablation_effects_match_hooks_and_do_not_depend_on_batching(setup):
     assert small["resid.1/f9@3"] == pytest.approx(float((metric(logits) - m0).mean()), rel=1e-3, abs=1e-6)
 
 
-def test_check_nodes_ranks_agree_when_effects_are_exact(setup):
+def test_check_nodes_against_hooked_ablations_and_scipy_ranks(setup):
+    """measured(v) = m(M with v ablated) - m(M) from `hooked_metric`; the agreement statistics
+    against scipy's Spearman rho and a hand-counted top-k overlap."""
+    from scipy.stats import spearmanr
+
     model, dicts, ids, _ = setup
-    nodes = ["resid.0/f1", "resid.0/f2", "resid.1/f4", "resid.1/err", "resid.2/f6", "resid.2/err"]
-    exact = ablation_effects(model, dicts, ids, metric, nodes)
-    df = check_nodes(model, dicts, ids, metric, graph_of(exact.to_dict()), k=3)
-    assert df.attrs["spearman"] == pytest.approx(1.0)
-    assert df.attrs["top_k_overlap"] == 1.0
-    np.testing.assert_allclose(df.set_index("node").loc[nodes, "measured"], exact.values, atol=1e-9)
-    shuffled = dict(zip(nodes, exact.values[::-1]))
-    df = check_nodes(model, dicts, ids, metric, graph_of(shuffled), k=3)
-    assert df.attrs["spearman"] < 1.0
+    p = ids.shape[1]
+    nodes = ["resid.0/f1", "resid.0/f2", "resid.1/f4", "resid.1/err", "resid.2/f6", "resid.2/err@7", "resid.1/f9@3",
+             "resid.0/err"]
+    ref = reference_values(model, dicts, ids)
+    everything = every_node(dicts, p)
+    m_full = float(metric(hooked(model, ids)[0]).mean())
+    exact = np.array([hooked_metric(model, dicts, ids, everything - expand([tuple(parse_node(n))], dicts, p), ref)
+                      - m_full for n in nodes])
+    assert np.abs(exact).max() > 1e-3 and len(set(np.round(np.abs(exact), 6))) == len(nodes)
+    rng = np.random.default_rng(2)
+    attributed = exact * rng.uniform(0.2, 3.0, len(nodes))                      # a different ranking
+    df = check_nodes(model, dicts, ids, metric, graph_of(dict(zip(nodes, attributed))), k=3)
+    np.testing.assert_allclose(df.set_index("node").loc[nodes, "measured"], exact, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(df.set_index("node").loc[nodes, "effect"], attributed)
+    rho = spearmanr(np.abs(attributed), np.abs(exact)).statistic
+    assert rho < 0.99 and df.attrs["spearman"] == pytest.approx(rho)
+    top = lambda v: set(np.argsort(-np.abs(v), kind="stable")[:3])             # noqa: E731
+    assert df.attrs["top_k_overlap"] == len(top(attributed) & top(exact)) / 3
+    assert list(df["node"]) == [nodes[i] for i in np.argsort(-np.abs(exact), kind="stable")]
 
 
 # --- edge checks ---------------------------------------------------------------------------------

@@ -166,3 +166,16 @@ def test_errors(model, sae, data):
     with pytest.raises(ValueError, match="not a site"):
         erase(model, None, "resid.9", ids, z, method="leace")
     assert isinstance(feature_erasure(sae, SITE, [1, 2], 0.0), Erasure)
+
+
+def test_report_never_edits_position_zero(model, data):
+    """Position 0 (BOS / attention sink) is left alone: on one-token unrelated text nothing is
+    edited, so the collateral damage is exactly zero; the edit size averages positions >= 1."""
+    ids, z = data["held"]
+    e = erase(model, None, SITE, *data["fit"], method="mean_diff")
+    one_token = data["unrelated"][:, :1]
+    rep = erasure_report(model, e, ids, z, unrelated=one_token)
+    assert rep["kl_unrelated"] == 0.0
+    run = e.run(model, ids, logits=False)                       # the erasure everywhere, by hand
+    assert run.edit_norm(SITE)[:, 0].abs().max() > 0            # it would move position 0
+    assert rep["edit_l2"] == pytest.approx(float(run.edit_norm(SITE)[:, 1:].mean()), rel=1e-5)

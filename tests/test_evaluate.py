@@ -56,7 +56,8 @@ def test_zero_dictionary_recovers_nothing_and_fvu_matches_by_hand(llama, context
     x = torch.cat([b["attn.1"] for b in harvest(llama, contexts, "attn.1", progress=False)]).double()
     expected = (0.25 * x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     assert table.loc["attn.1", "fvu"] == pytest.approx(expected, rel=1e-6)
-    assert table.loc["attn.1", "mse"] == pytest.approx((0.25 * x.pow(2)).mean().item(), rel=1e-6)
+    assert table.loc["attn.1", "mse"] == pytest.approx((0.25 * x.pow(2)).mean().item(), rel=1e-6)  # per element
+    assert table.loc["attn.1", "sq_err_per_token"] == pytest.approx((0.25 * x.pow(2)).sum(1).mean().item(), rel=1e-6)
     assert table.loc["attn.1", "ppl_diff"] == pytest.approx(
         math.exp(table.loc["attn.1", "ce_spliced"]) - math.exp(table.loc["attn.1", "ce_clean"]))
     worst = pd.DataFrame(table.attrs["worst_tokens"])

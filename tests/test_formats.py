@@ -285,10 +285,11 @@ def test_save_saelens_round_trip(arch, kw, tmp_path):
             p.add_(0.1 * torch.randn_like(p))
     save_saelens(d, tmp_path / arch, hook_name="resid.3")
     cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
-    assert cfg["d_sae"] == 16 and cfg["hook_name"] == "resid.3"
+    assert cfg["d_sae"] == 16 and cfg["hook_name"] == "blocks.3.hook_resid_post"   # the real hook name
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"               # where SAELens v6 reads it
     back = load_saelens(tmp_path / arch)
     x = torch.randn(5, 8)
-    assert back.architecture == arch
+    assert back.architecture == arch and back.site == "resid.3"
     assert torch.allclose(back.encode(x), d.encode(x), atol=1e-6)
     assert torch.allclose(back(x), d(x), atol=1e-6)
 
@@ -299,3 +300,78 @@ def test_save_saelens_refuses_what_saelens_cannot_hold(tmp_path):
 
     with pytest.raises(ValueError, match="no equivalent"):
         save_saelens(build("gated", d_in=4, n_latents=8), tmp_path)
+
+
+# --- SAELens hook names <-> our sites ---------------------------------------------------------------
+HOOKS = [("blocks.0.hook_resid_pre", "embed"), ("blocks.4.hook_resid_pre", "resid.3"),
+         ("blocks.4.hook_resid_post", "resid.4"), ("blocks.2.hook_attn_out", "attn.2"),
+         ("blocks.7.hook_mlp_out", "mlp.7"), ("blocks.11.mlp.hook_post", "mlp_hidden.11")]
+
+
+@pytest.mark.parametrize("hook,site", HOOKS)
+@pytest.mark.parametrize("where", ["v6 metadata", "pre-v6 top level"])
+def test_saelens_hook_names_map_to_sites_on_load(W, tmp_path, hook, site, where):
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": S}
+    if where == "v6 metadata":
+        cfg["metadata"] = {"hook_name": hook, "model_name": "gpt2"}
+    else:
+        cfg.update(hook_name=hook, hook_layer=int(hook.split(".")[1]))
+    m = load_saelens(write_saelens(tmp_path / "s", cfg, {k: W[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}))
+    assert m.site == site
+    assert load_any(tmp_path / "s").site == site
+
+
+@pytest.mark.parametrize("site", ["embed", "resid.0", "resid.29", "attn.3", "mlp.12", "mlp_hidden.5"])
+def test_sites_round_trip_through_saelens_files(tmp_path, site):
+    from sae.formats import hook_for_site, save_saelens, site_for_hook
+
+    hook = hook_for_site(site)
+    assert hook.startswith("blocks.") and site_for_hook(hook) == site
+    d = TopKSAE(8, 16, k=2)
+    d.site = site                                   # save_saelens takes the site from the dictionary
+    save_saelens(d, tmp_path / "rt")
+    cfg = json.loads((tmp_path / "rt" / "cfg.json").read_text())
+    assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == hook
+    assert load_saelens(tmp_path / "rt").site == site
+
+
+def test_hook_names_written_by_hand_in_the_saelens_layout(tmp_path):
+    """A cfg.json as SAELens 6 writes it, typed in full: the site comes from metadata.hook_name."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    path = tmp_path / "hand"
+    path.mkdir()
+    (path / "cfg.json").write_text("""{
+      "d_in": 6, "d_sae": 12, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": true,
+      "normalize_activations": "none", "reshape_activations": "none", "k": 3,
+      "rescale_acts_by_decoder_norm": false, "architecture": "topk",
+      "metadata": {"sae_lens_version": "6.5.1", "model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre",
+                   "hook_head_index": null, "prepend_bos": true, "context_size": 128}
+    }""")
+    save_file({"W_enc": torch.randn(6, 12, generator=g), "W_dec": torch.randn(12, 6, generator=g),
+               "b_enc": torch.randn(12, generator=g), "b_dec": torch.randn(6, generator=g)},
+              str(path / "sae_weights.safetensors"))
+    m = load_saelens(path)
+    assert isinstance(m, TopKSAE) and m.k == 3 and m.site == "resid.7"
+
+
+@pytest.mark.parametrize("hook,why", [
+    ("blocks.3.hook_mlp_in", "before ln2"), ("blocks.3.hook_resid_mid", "between"),
+    ("blocks.3.ln2.hook_normalized", "after its LayerNorm"), ("blocks.3.attn.hook_z", "before W_O"),
+    ("blocks.3.mlp.hook_pre", "pre-activations"), ("hook_embed", "token embedding alone"), ("blocks.3.hook_q", "not one")])
+def test_unmapped_hook_names_fail_clearly_unless_a_site_is_given(W, tmp_path, hook, why):
+    from sae.formats import save_saelens, site_for_hook
+
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": S, "hook_name": hook}
+    p = write_saelens(tmp_path / "u", cfg, {k: W[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")})
+    with pytest.raises(ValueError, match=f"{hook}.*{why}.*mapped hooks: blocks.L.hook_resid_pre"):
+        site_for_hook(hook)
+    with pytest.raises(ValueError, match="Pass site=... to load it"):
+        load_saelens(p)
+    m = load_saelens(p, site="resid.3")                           # an explicit choice wins
+    assert m.site == "resid.3"
+    with pytest.raises(ValueError, match="not a site name"):
+        load_saelens(p, site="blocks.3.hook_mlp_in")
+    with pytest.raises(ValueError, match=f"{hook}"):
+        save_saelens(ReLUSAE(D, S), tmp_path / "w", hook_name=hook)

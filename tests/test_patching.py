@@ -169,3 +169,26 @@ def test_resample_ablation_takes_the_next_rows_codes(llama, batches):
         ablate_features(llama, {SITE: d}, base, {SITE: [0]}, mode="resample", reference=base[:, :3])
     with pytest.raises(ValueError, match="unknown ablation mode"):
         ablate_features(llama, {SITE: d}, base, {SITE: [0]}, mode="noise")
+
+
+# --- the one mean-ablation reference -------------------------------------------------------------
+def test_token_mean_against_explicit_loops():
+    """interventions.means.token_mean (every mean ablation uses it) against sums written out."""
+    from interventions.means import token_mean
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)               # [batch, pos, width]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])          # position 3: padding in every row
+    real = [(b, p) for b in range(3) for p in range(4) if mask[b, p]]
+    overall = sum(x[b, p] for b, p in real) / len(real)
+    torch.testing.assert_close(token_mean(x, mask), overall)
+    torch.testing.assert_close(token_mean(x), x.reshape(-1, 5).mean(0))
+    per = token_mean(x, mask, per_position=True)                              # [pos, width]
+    for p in range(3):
+        rows = [b for b in range(3) if mask[b, p]]
+        torch.testing.assert_close(per[p], sum(x[b, p] for b in rows) / len(rows))
+    torch.testing.assert_close(per[3], overall)                               # no real token: the all-token mean
+    assert torch.equal(token_mean(x, torch.zeros(3, 4)), torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(token_mean(x[..., 0], mask.bool()), overall[0])   # no width dimension
+    with pytest.raises(ValueError, match=r"mask must have shape \[batch, pos\] = \(3, 4\)"):
+        token_mean(x, mask[:, :2])

@@ -55,3 +55,13 @@ def test_interrupted_run_resumes_to_the_same_result(llama, ids, tmp_path, monkey
 def test_too_few_tokens_is_refused(llama, ids):
     with pytest.raises(ValueError, match="usable tokens but total_tokens"):
         train_at_sites(llama, ids[:2], "resid.0", k=4, cfg=TrainConfig(**CFG), progress=False)
+
+
+def test_run_key_has_the_resampling_fields_only_where_they_act(llama, ids):
+    """Dead-latent resampling acts only on architectures with resample_dead (ReLU): TopK run keys
+    (and so the dictionaries cached before the option existed) do not change."""
+    sites = P.resolve_sites(llama, ["resid.0"])
+    key = lambda arch: P.run_key(llama, ids, sites, arch, {}, TrainConfig(**CFG), 512, True)["train"]  # noqa: E731
+    fields = {"resample_dead", "resample_every", "resample_until"}
+    assert not fields & set(key("topk")) and fields <= set(key("relu"))
+    assert set(key("topk")) == set(key("relu")) - fields

@@ -198,17 +198,22 @@ def check_families(model: Any, dictionaries_by_family: Mapping[str, Mapping[str,
 
 
 def add_family_arguments(p: argparse.ArgumentParser, out: str) -> None:
-    """The runners' shared options: model, seed, where the families come from, output."""
+    """The runners' shared options: model, seed, where the families come from, output. Values
+    are range-checked while parsing (exit status 2 and a one-line error, before the model loads)."""
+    from sae.cli import DEVICES, device_name, int_at_least
+
     p.add_argument("--model", default=None, help="local model directory or hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", type=device_name, default="auto", help=DEVICES)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sae-tokens", type=int, default=16_384, help="training tokens per site when SAEs are trained here")
+    p.add_argument("--sae-tokens", type=int_at_least(1), default=16_384,
+                   help="training tokens per site when SAEs are trained here")
     p.add_argument("--sae-dir", default=None, help="a train_at_sites run directory to load SAEs from (or train into)")
     p.add_argument("--no-main-job", action="store_true", help="ignore the README main job's cached SAEs")
-    p.add_argument("--k", type=int, default=32, help="TopK active latents when training")
-    p.add_argument("--expansion", type=int, default=4, help="latents per dimension when training")
-    p.add_argument("--baseline-tokens", type=int, default=4096, help="harvested tokens per site for PCA/ICA")
-    p.add_argument("--ica-components", type=int, default=128, help="FastICA components (<= d_model)")
+    p.add_argument("--k", type=int_at_least(1), default=32, help="TopK active latents when training")
+    p.add_argument("--expansion", type=int_at_least(1), default=4, help="latents per dimension when training")
+    p.add_argument("--baseline-tokens", type=int_at_least(1), default=4096,
+                   help="harvested tokens per site for PCA/ICA")
+    p.add_argument("--ica-components", type=int_at_least(1), default=128, help="FastICA components (<= d_model)")
     p.add_argument("--out", default=out, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 

@@ -44,7 +44,9 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 import torch
 
+from interventions.erasure import edited_positions
 from interventions.spliced import dictionary_tensor
+from sae import metrics as sae_metrics
 
 from . import FAMILIES, add_family_arguments, check_families, families_from_args, log
 from . import report as rp
@@ -86,19 +88,11 @@ def token_labels(dataset: Any, fit_positions: str) -> torch.Tensor:
     return torch.where(inside, z[:, None], torch.full_like(ids, -1))
 
 
-def edited_positions(ids: torch.Tensor) -> torch.Tensor:
-    """Where edits act: every position but 0, bool [batch, pos]."""
-    where = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    where[:, 0] = False
-    return where
-
-
 def fvu(d: Any, x: torch.Tensor) -> float:
     """Fraction of variance unexplained by dictionary d on activations x [n, d]."""
     with torch.no_grad():
         x = dictionary_tensor(d, x)
-        err = (x - d.decode(d.encode(x))).double()
-        return float(err.pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum())
+        return float(sae_metrics.fvu(x.double(), d.decode(d.encode(x)).double()))
 
 
 def _mean_codes(d: Any, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

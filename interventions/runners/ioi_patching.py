@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 from interventions.spliced import dictionary_tensor
+from sae import metrics as sae_metrics
 
 from . import FAMILIES, add_family_arguments, check_families, families_from_args, log
 from . import report as rp
@@ -97,7 +98,7 @@ def delta_diagnostics(dictionary: Any, x_base: torch.Tensor, x_source: torch.Ten
         dcand = (codes[b:] - codes[:b])[..., cand] @ W[cand]
         xs, es = x[:, 1:], err[:, 1:]
         total = float(dx.pow(2).sum())
-        return dict(fvu=float(es.pow(2).sum() / (xs - xs.flatten(0, 1).mean(0)).pow(2).sum()),
+        return dict(fvu=float(sae_metrics.fvu(xs, xs - es)),
                     delta_in_error=float(de.pow(2).sum()) / total if total else math.nan,
                     delta_in_candidates=float(dcand.pow(2).sum()) / total if total else math.nan)
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dictionary import Dictionary, TrainState, check_x, fvu, random_unit_rows, register
+from .. import metrics as _metrics
+from ..dictionary import Dictionary, TrainState, check_x, random_unit_rows, register
 
 
 @register
@@ -78,16 +79,16 @@ class GatedSAE(Dictionary):
         pi_gate, pi_mag = self._paths(x)  # [B, n]
         c = (pi_gate > 0).to(pi_mag.dtype) * F.relu(pi_mag)
         x_hat = c @ self.W_dec + self.b_dec
-        mse = (x - x_hat).pow(2).sum(-1).mean()
+        sq_err = _metrics.sq_err_per_token(x, x_hat)  # mean over tokens of ||x - x_hat||^2
         gate = F.relu(pi_gate)
         l1 = (gate * self.W_dec.norm(dim=1)).sum(-1).mean()
         x_aux = gate @ self.W_dec.detach() + self.b_dec.detach()
         aux = (x - x_aux).pow(2).sum(-1).mean()
         warm = min(1.0, state.progress / self.sparsity_warmup) if self.sparsity_warmup > 0 else 1.0
-        loss = mse + self.l1_coefficient * warm * l1 + aux
+        loss = sq_err + self.l1_coefficient * warm * l1 + aux
         with torch.no_grad():
             active = c != 0
             self.last_fired = active.any(0)
-            metrics = {"mse": mse.item(), "fvu": fvu(x, x_hat).item(), "l1": l1.item(),
+            metrics = {"sq_err_per_token": sq_err.item(), "fvu": _metrics.fvu(x, x_hat).item(), "l1": l1.item(),
                        "aux": aux.item(), "l0": active.sum().item() / x.shape[0]}
         return loss, metrics

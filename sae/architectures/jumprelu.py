@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dictionary import Dictionary, TrainState, check_x, fvu, random_unit_rows, register
+from .. import metrics as _metrics
+from ..dictionary import Dictionary, TrainState, check_x, random_unit_rows, register
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -144,14 +145,14 @@ class JumpReLUSAE(Dictionary):
         z = self.pre_activations(x)  # [B, n]
         c = jumprelu(z, self.threshold, self.bandwidth)
         x_hat = c @ self.W_dec + self.b_dec
-        mse = (x - x_hat).pow(2).sum(-1).mean()
+        sq_err = _metrics.sq_err_per_token(x, x_hat)  # mean over tokens of ||x - x_hat||^2
         warm = min(1.0, state.progress / self.sparsity_warmup) if self.sparsity_warmup > 0 else 1.0
         if self.sparsity_loss == "step":
             sparsity = step(z, self.threshold, self.bandwidth).sum(-1).mean()
         else:
             norms = self.W_dec.norm(dim=1)
             sparsity = torch.tanh(self.tanh_scale * c * norms).sum(-1).mean()
-        loss = mse + self.sparsity_coefficient * warm * sparsity
+        loss = sq_err + self.sparsity_coefficient * warm * sparsity
         metrics: dict[str, float] = {}
         if self.pre_act_coefficient > 0 and state.dead_mask is not None and bool(state.dead_mask.any()):
             dead = state.dead_mask.to(z.device)
@@ -162,6 +163,6 @@ class JumpReLUSAE(Dictionary):
         with torch.no_grad():
             active = c != 0
             self.last_fired = active.any(0)
-            metrics.update(mse=mse.item(), fvu=fvu(x, x_hat).item(), sparsity=sparsity.item(),
+            metrics.update(sq_err_per_token=sq_err.item(), fvu=_metrics.fvu(x, x_hat).item(), sparsity=sparsity.item(),
                            l0=active.sum().item() / x.shape[0])
         return loss, metrics

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dictionary import Dictionary, TrainState, check_x, fvu, random_unit_rows, register
+from .. import metrics as _metrics
+from ..dictionary import Dictionary, TrainState, check_x, random_unit_rows, register
 
 
 @register
@@ -43,6 +44,8 @@ class ReLUSAE(Dictionary):
     decoder_init_norm (default 1.0 with unit-norm decoders, else 0.1)."""
 
     architecture = "relu"
+    #: parameters indexed by latent along dim 0 (the trainer resets their optimizer rows on resampling)
+    latent_parameters = ("W_enc", "W_dec", "b_enc")
 
     def __init__(self, d_in: int, n_latents: int, l1_coefficient: float = 5.0,
                  sparsity_warmup: float = 0.05, tied: bool = False,
@@ -96,14 +99,14 @@ class ReLUSAE(Dictionary):
         x = x.reshape(-1, self.d_in)
         c = self.encode(x)  # [B, n]
         x_hat = self.decode(c)
-        mse = (x - x_hat).pow(2).sum(-1).mean()
+        sq_err = _metrics.sq_err_per_token(x, x_hat)  # mean over tokens of ||x - x_hat||^2
         l1 = (c * self.W_dec.norm(dim=1)).sum(-1).mean()
         warm = min(1.0, state.progress / self.sparsity_warmup) if self.sparsity_warmup > 0 else 1.0
-        loss = mse + self.l1_coefficient * warm * l1
+        loss = sq_err + self.l1_coefficient * warm * l1
         with torch.no_grad():
             active = c > 0
             self.last_fired = active.any(0)
-            metrics = {"mse": mse.item(), "fvu": fvu(x, x_hat).item(), "l1": l1.item(),
+            metrics = {"sq_err_per_token": sq_err.item(), "fvu": _metrics.fvu(x, x_hat).item(), "l1": l1.item(),
                        "l0": active.sum().item() / x.shape[0]}
         return loss, metrics
 

@@ -15,6 +15,9 @@ pre-activations among the *dead* latents (state.dead_mask), e_hat = c_aux W_dec 
 
 (normalised by the residual's variance as in OpenAI's `normalized_mse`; k_aux = d_in/2 is the
 sparsify / dictionary_learning / SAELens default, capped at the number of dead latents).
+Both denominators are batch statistics: under data parallel training they are taken over the
+global batch (`TrainState.all_reduce`), so the averaged update equals the single-process one.
+FVU and the variances are `sae.metrics`' definitions.
 Initialisation (§A.1): unit-norm random decoder rows, W_enc = W_dec^T, b_dec from
 `init_from_data` (geometric median); the trainer keeps decoder rows at unit norm. `init_from_data`
 also rescales the encoder by the least-squares scale of the first reconstruction,
@@ -39,23 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import metrics as _metrics
 from ..dictionary import Dictionary, TrainState, check_x, random_unit_rows, register
 from . import _sparse
-
-
-def _total_variance(x: torch.Tensor) -> torch.Tensor:
-    """sum ||x - mean(x)||^2 over the rows of x [B, d] (the FVU denominator).
-
-    On CPU as sum x^2 - ||sum_b x_b||^2 / B (two fast reductions instead of four passes over the
-    batch), unless the mean carries over 90% of the energy, where that subtraction would lose
-    float32 digits and the centred form is used."""
-    if x.device.type == "cpu":
-        flat = x.reshape(-1)
-        s2 = torch.dot(flat, flat)
-        m2 = x.sum(0).square().sum() / x.shape[0]
-        if float(m2) <= 0.9 * float(s2):
-            return (s2 - m2).clamp_min(torch.finfo(x.dtype).tiny)
-    return (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def _scalar(t: torch.Tensor) -> "float | torch.Tensor":
@@ -146,10 +135,10 @@ class _KSparseSAE(Dictionary):
         main, aux, block = _sparse.sparse_encode(x, self.W_enc, self.b_enc, self.b_dec, selector,
                                                  block_cols, by_latent)
         x_hat = _sparse.decode_coo(main.values, main.rows, main.cols, self.W_dec, B, by_latent) + self.b_dec
-        err = F.mse_loss(x_hat, x, reduction="sum")  # sum ||x - x_hat||^2 (fused forward and backward)
-        with torch.no_grad():
-            total_var = _total_variance(x)
-        loss_fvu = err / total_var
+        # FVU over the global batch: the per-token variance of every rank's rows together
+        # (state.all_reduce), so the mean of the ranks' losses is the single-process loss
+        x_var = _metrics.token_variance(x, state.all_reduce)
+        loss_fvu = _metrics.fvu(x, x_hat, x_var)
         loss = loss_fvu
         metrics: dict[str, Any] = {}
         if k_eff > 0:
@@ -162,8 +151,8 @@ class _KSparseSAE(Dictionary):
                 e_hat = block @ self.W_dec.index_select(0, block_cols.clamp_min(0))
             else:
                 e_hat = _sparse.decode_coo(aux.values, aux.rows, aux.cols, self.W_dec, B)
-            den = (e - e.mean(0, keepdim=True)).pow(2).sum()
-            aux_loss = ((e - e_hat).pow(2).sum() / den.clamp_min(torch.finfo(den.dtype).tiny)).nan_to_num(0.0)
+            # the FVU of e by e_hat, normalised by the residual's variance over the global batch
+            aux_loss = _metrics.fvu(e, e_hat, _metrics.token_variance(e, state.all_reduce)).nan_to_num(0.0)
             loss = loss + self.aux_coefficient * aux_loss
             metrics["auxk"] = _scalar(aux_loss)
         with torch.no_grad():
@@ -172,7 +161,8 @@ class _KSparseSAE(Dictionary):
             fired[main.cols[active]] = True
             self.last_fired = fired
             self._after_step(main)
-            metrics.update(fvu=_scalar(loss_fvu), mse=_scalar(err / B), l0=_scalar(active.sum() / B))
+            metrics.update(fvu=_scalar(loss_fvu), sq_err_per_token=_scalar(loss_fvu.detach() * x_var),
+                           l0=_scalar(active.sum() / B))
             if use_aux:
                 metrics["dead"] = float(dead.numel())
         return loss, metrics
