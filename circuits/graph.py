@@ -33,7 +33,8 @@ GraphML, and restored by load_graph)
     token       str    input nodes only: the clean token text at that position ("a|b" when the
                        prompts differ there)
     top_tokens  list[str]  optional, from annotations
-    explanation str        optional, from annotations
+    explanation str        optional, from annotations or autointerp (`circuits.interpret`)
+    detection   float      optional, autointerp detection AUC of the explanation (`circuits.interpret`)
 
 Edge attributes
     weight      float  mean over prompts of the direct edge effect

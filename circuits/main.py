@@ -9,11 +9,13 @@
 3. Per-position node effects by attribution patching (Marks et al. 2024) at the circuit sites
    (--circuit-sites: by default every sixth residual layer), edges between the top nodes of each
    site with batched vector-Jacobian products, the graph of those nodes.
-4. Each feature node labelled with its top activating tokens in the corpus.
+4. Each feature node labelled with its top activating tokens in the corpus; a latent cache of
+   the circuit's features, autointerp explanations with detection scores for the strongest
+   (--explain), and a dashboard page per feature node, linked from the SVG (`circuits.interpret`).
 5. Faithfulness (m(C) - m(empty)) / (m(M) - m(empty)) with every node outside the circuit
    mean-ablated (per position), for the rendered graph and as a curve over node thresholds for
    the top --curve-nodes nodes: how many nodes the behaviour needs.
-6. circuit.json, circuit.svg and report.md in the output directory, named at the end.
+6. circuit.json, circuit.svg, dashboards/ and report.md in the output directory, named at the end.
 
 Every option is checked before anything loads: bad values exit with status 2 and one line naming
 the option, the value and what is valid; site names (--sites, --circuit-sites) and sizes are
@@ -56,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve-nodes", type=int_at_least(1), default=3000,
                    help="largest node budget of the faithfulness curve (default 3000)")
     p.add_argument("--method", default="atp", choices=["atp", "ig", "ig-input"], help="node attribution method")
-    p.add_argument("--corpus-tokens", type=int_at_least(1), default=16_384, help="corpus tokens for top-token labels")
+    p.add_argument("--corpus-tokens", type=int_at_least(1), default=16_384,
+                   help="corpus tokens for top-token labels, the latent cache and dashboards")
+    p.add_argument("--explain", type=int_at_least(0), default=15,
+                   help="strongest feature nodes explained and detection-scored by the model itself (default 15; 0: none)")
     args = p.parse_args(argv)
     if args.circuit_sites is not None and not args.circuit_sites:
         p.error("argument --circuit-sites: no site given; name sites or globs, e.g. 'resid.5,resid.11'")
@@ -91,7 +96,9 @@ def run(args: argparse.Namespace) -> Path:
 
     from .attribution import node_effects
     from .edges import edge_effects
+    from .dashboards import dashboard_links
     from .evaluate import faithfulness, faithfulness_curve
+    from .interpret import interpret_circuit
     from .graph import build_graph, save_graph
     from .rendering import GraphvizNotFound, render
     from .top_tokens import annotate_top_tokens
@@ -131,8 +138,14 @@ def run(args: argparse.Namespace) -> Path:
     timings["attribution"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    annotate_top_tokens(graph, model, dicts, corpus.train[: max(1, args.corpus_tokens // corpus.ctx_len)], n=5)
+    label_contexts = corpus.train[: max(1, args.corpus_tokens // corpus.ctx_len)]
+    annotate_top_tokens(graph, model, dicts, label_contexts, n=5)
     timings["labels"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    interpret_circuit(graph, model, dicts, label_contexts, out / "dashboards", n_explain=args.explain,
+                      cache_dir=out / "latent-cache", progress=not args.no_progress)
+    timings["autointerp and dashboards"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rendered = faithfulness(model, dicts, clean, metric, graph, ablation="mean", batch_size=max(64, len(ioi)))
@@ -142,7 +155,8 @@ def run(args: argparse.Namespace) -> Path:
     json_path = save_graph(graph, out / "circuit.json")
     svg_path = out / "circuit.svg"
     try:
-        render(graph, svg_path, layout="positions", title=f"IOI circuit, {model.name}: logit(IO) - logit(S)")
+        render(graph, svg_path, layout="positions", title=f"IOI circuit, {model.name}: logit(IO) - logit(S)",
+               links=dashboard_links(graph, "dashboards/"))
     except GraphvizNotFound as e:
         print(f"warning: {e}\nthe graph is saved as {json_path}", file=sys.stderr)
         svg_path = None
@@ -165,7 +179,13 @@ def write_report(out: Path, model, ioi, nodes, graph, rendered, table, curve, ti
 
     def strongest(kind: str, n: int) -> list[str]:
         found = [(d.get("effect", 0.0), v, d) for v, d in graph.nodes(data=True) if d.get("kind") == kind]
-        return [f"| `{v}` | {eff:+.3f} | {', '.join(map(repr, d.get('top_tokens') or [])) or '-'} |"
+        def interp(d):
+            if kind != "feature":
+                return ""
+            det = d.get("detection")
+            return (f" {d.get('explanation', '-')} | " + (f"{det:.2f}" if det is not None and det == det else "-")
+                    + " |")
+        return [f"| `{v}` | {eff:+.3f} | {', '.join(map(repr, d.get('top_tokens') or [])) or '-'} |{interp(d)}"
                 for eff, v, d in sorted(found, key=lambda item: -abs(item[0]))[:n]]
 
     share = {k: sum(float(e[..., -1].abs().sum()) if k == "error" else float(e[..., :-1].abs().sum())
@@ -192,8 +212,12 @@ def write_report(out: Path, model, ioi, nodes, graph, rendered, table, curve, ti
         f"Error nodes hold {share['error'] / max(sum(share.values()), 1e-12):.0%} of the total |effect| at the "
         "circuit sites: what the dictionaries do not reconstruct carries much of the behaviour.",
         "",
-        "| feature | effect | top activating tokens |",
-        "|---|---|---|",
+        "Explanations come from the model itself (autointerp, Paulo et al. 2024); detection is the AUC of "
+        "its P(yes) separating held-out activating windows from non-activating ones (0.5 = chance). "
+        "Each feature's page is in `dashboards/`.",
+        "",
+        "| feature | effect | top activating tokens | explanation | detection |",
+        "|---|---|---|---|---|",
         *strongest("feature", 15),
         "",
         "| error node | effect | |",

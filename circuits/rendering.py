@@ -37,7 +37,7 @@ import os
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import graphviz
 import networkx as nx
@@ -181,12 +181,15 @@ def _tooltip(node: Any, data: dict) -> str:
 # --- the DOT graph --------------------------------------------------------------------------------
 def to_dot(graph: nx.DiGraph, *, layout: str = "layered", node_threshold: float = 0.0,
            edge_threshold: float = 0.0, n_tokens: int = 3, min_penwidth: float = 0.5,
-           max_penwidth: float = 6.0, title: str | None = None, legend: bool = True) -> graphviz.Digraph:
+           max_penwidth: float = 6.0, title: str | None = None, legend: bool = True,
+           links: Mapping[Any, str] | None = None, link_target: str | None = "_top") -> graphviz.Digraph:
     """The circuit as a `graphviz.Digraph` (no binary needed; `.source` is the DOT text).
 
     node_threshold / edge_threshold: leave out feature/error nodes with |effect| below it and
     edges with |weight| below it (inputs and the metric always stay). n_tokens: top activating
-    tokens shown per feature. See the module docstring for colours, shapes and layouts."""
+    tokens shown per feature. links: {node id: URL} (e.g. `circuits.dashboards.dashboard_links`)
+    makes those nodes hyperlinks in SVG output (graphviz `URL`, opened in `link_target`).
+    See the module docstring for colours, shapes and layouts."""
     if not isinstance(graph, nx.DiGraph):
         raise TypeError(f"render a circuit networkx.DiGraph, got {type(graph).__name__}")
     if layout not in LAYOUTS:
@@ -226,6 +229,10 @@ def to_dot(graph: nx.DiGraph, *, layout: str = "layered", node_threshold: float 
         kind = d.get("kind")
         a = {"label": _label(_node_lines(node, d, n_tokens)), "tooltip": _tooltip(node, d),
              "id": graphviz.escape(str(node))}
+        if links and node in links:
+            a["URL"] = graphviz.escape(str(links[node]))
+            if link_target:
+                a["target"] = graphviz.escape(link_target)
         if kind == "input":
             a.update(shape="box", style="rounded,filled", fillcolor="#eeeeee", color="#999999")
         elif kind == "metric":
@@ -321,7 +328,8 @@ def render(graph: nx.DiGraph, path: str | os.PathLike, format: str | None = None
 
     format: "svg" | "png" | "pdf"; default: the suffix of `path`, else "svg" (a path without a
     suffix gets ".<format>"). options: those of `to_dot` (layout="layered" | "positions",
-    node_threshold, edge_threshold, n_tokens, min_penwidth, max_penwidth, title, legend).
+    node_threshold, edge_threshold, n_tokens, min_penwidth, max_penwidth, title, legend, links,
+    link_target).
     Raises `GraphvizNotFound` when Graphviz is not installed (nothing is written then)."""
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")

@@ -22,6 +22,9 @@ saved/loaded like any dictionary. All are linear with a centring offset mu:
 - `IdentityDictionary` ("identity"): the neuron basis, W_dec = I, codes = x exactly.
 - `RandomDictionary` ("random"): random unit rows W_dec (any n_latents), codes by least squares,
   W_enc = pinv(W_dec)^T (minimum-norm codes when overcomplete; exact for n_latents >= d).
+- `TopKNeuronDictionary` ("topk_neurons"): the neuron basis sparsified per token, codes = x with
+  all but its k largest entries set to 0 (Paulo et al. 2024, "Automatically Interpreting Millions
+  of Features in LLMs": neurons "sparsified using top-k postprocessing"); W_dec = I.
 
 Fits run in float64 and store float32 (the dtype of x when it is floating).
 """
@@ -242,9 +245,37 @@ class IdentityDictionary(Dictionary):
         raise NotImplementedError("IdentityDictionary codes are the raw activations: there is no scale to fold")
 
 
+@register
+class TopKNeuronDictionary(IdentityDictionary):
+    """Top-k sparsified neurons: encode(x) keeps the k largest entries of x per token, zeros the
+    rest; decode(c) = c. Registered as "topk_neurons"."""
+
+    architecture = "topk_neurons"
+
+    def __init__(self, d_in: int, n_latents: int | None = None, k: int = 32):
+        super().__init__(d_in, n_latents)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d_in:
+            raise ValueError(f"k must be an int in 1..d_in={self.d_in}, got {k!r}")
+        self.k = k
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, n_latents: int | None = None, k: int = 32) -> "TopKNeuronDictionary":
+        x2 = _as_samples(x, "TopKNeuronDictionary", min_rows=1)
+        return cls(x2.shape[1], n_latents, k=k)
+
+    def config(self) -> dict[str, Any]:
+        return {"d_in": self.d_in, "k": self.k}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_x(x, self.d_in, "TopKNeuronDictionary")
+        values, indices = x.topk(self.k, dim=-1)
+        return torch.zeros_like(x).scatter_(-1, indices, values)
+
+
 def fit_baseline(name: str, x: torch.Tensor, n_latents: int | None = None, **kwargs: Any) -> Dictionary:
-    """Fit a baseline by registry name ("pca", "ica", "random", "identity")."""
-    classes = {c.architecture: c for c in (PCADictionary, ICADictionary, RandomDictionary, IdentityDictionary)}
+    """Fit a baseline by registry name ("pca", "ica", "random", "identity", "topk_neurons")."""
+    classes = {c.architecture: c for c in (PCADictionary, ICADictionary, RandomDictionary, IdentityDictionary,
+                                              TopKNeuronDictionary)}
     if name not in classes:
         raise ValueError(f"unknown baseline {name!r}; known: {sorted(classes)}")
     return classes[name].fit(x, n_latents, **kwargs)

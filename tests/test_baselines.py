@@ -140,3 +140,21 @@ def test_bad_requests_raise_clear_errors():
         m.fold_scale(2.0)
     with pytest.raises(TypeError, match="no decoder bias"):
         m.init_from_data(x)
+
+
+def test_topk_neurons_keep_the_k_largest_entries(tmp_path):
+    from sae.baselines import TopKNeuronDictionary
+
+    x = data()
+    m = fit_baseline("topk_neurons", x, k=3)
+    assert isinstance(m, TopKNeuronDictionary) and ARCHITECTURES["topk_neurons"] is TopKNeuronDictionary
+    c = m.encode(x)
+    assert torch.equal((c != 0).sum(-1), torch.full((x.shape[0],), 3))
+    third = x.sort(dim=-1, descending=True).values[:, 2:3]                 # [n, 1] 3rd largest per row
+    assert torch.equal(c, torch.where(x >= third, x, torch.zeros_like(x)))
+    assert torch.equal(m.W_dec, torch.eye(D)) and torch.equal(m.decode(c), c)
+    m.save(tmp_path / "tk")
+    back = load(tmp_path / "tk")
+    assert type(back) is TopKNeuronDictionary and back.k == 3 and torch.equal(back.encode(x), c)
+    with pytest.raises(ValueError, match="k must be an int in 1..d_in=12"):
+        fit_baseline("topk_neurons", x, k=13)

@@ -12,7 +12,7 @@ def test_main_job_writes_graph_svg_and_report(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "circuits.main", "--sites", "resid.[5-7]", "--tokens", "2048", "--train-batch", "512", "--eval-tokens", "128",
            "--ce-tokens", "64", "--prompts", "4", "--edge-prompts", "2", "--top-k", "2", "--corpus-tokens", "512",
-           "--circuit-sites", "resid.5,resid.7", "--curve-nodes", "40",
+           "--circuit-sites", "resid.5,resid.7", "--curve-nodes", "40", "--explain", "1",
            "--runs", str(tmp_path / "runs"), "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -24,4 +24,13 @@ def test_main_job_writes_graph_svg_and_report(tmp_path):
     assert {n["site"] for n in graph["nodes"] if n.get("kind") in ("feature", "error")} <= {"resid.5", "resid.7"}
     svg = (out / "circuit.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "metric" in svg
+    features = [n for n in graph["nodes"] if n.get("kind") == "feature"]
+    assert features, "a circuit without feature nodes tests no dashboards"
+    for n in features:  # one dashboard page per feature node, linked from the SVG
+        page = f"{n['site']}/f{n['feature']}.html"
+        assert (out / "dashboards" / page).exists() and f"dashboards/{page}" in svg
+    assert (out / "dashboards" / "index.html").exists()
+    explained = [n for n in features if n.get("explanation")]
+    assert len({(n["site"], n["feature"]) for n in explained}) == 1       # --explain 1
+    assert explained[0]["explanation"] in report and "| detection |" in report
     assert str(out.resolve()) in done.stdout  # the job names its output directory at the end

@@ -225,3 +225,23 @@ def test_label_graph_with_top_tokens(corpus_setup, tmp_path):
         top_activating_tokens(model, dicts, corpus, [("resid.0", 1)])
     with pytest.raises(ValueError, match="out of range"):
         top_activating_tokens(model, dicts, corpus, [("resid.1", 99)])
+
+
+def test_links_make_feature_nodes_hyperlinks(tmp_path):
+    from circuits.dashboards import dashboard_links
+
+    g = circuit()
+    links = dashboard_links(g, "dashboards")
+    assert links == {"resid.0/f12@1": "dashboards/resid.0/f12.html", "resid.0/f40@3": "dashboards/resid.0/f40.html",
+                     "resid.1/f7@5": "dashboards/resid.1/f7.html", "attn.1/f3@5": "dashboards/attn.1/f3.html"}
+    out = render(g, tmp_path / "c.svg", links=links)
+    _, els = svg_nodes(out)
+    XLINK = "{http://www.w3.org/1999/xlink}"
+    for node, url in links.items():
+        anchors = [a for a in els[node].iter(f"{SVG}a") if a.get(f"{XLINK}href")]
+        assert [a.get(f"{XLINK}href") for a in anchors] == [url]
+        assert anchors[0].get("target") == "_top"
+    for node in ("resid.1/err@5", "metric", "input/1"):       # only feature nodes are linked
+        assert not any(a.get(f"{XLINK}href") for a in els[node].iter(f"{SVG}a"))
+    plain = render(g, tmp_path / "plain.svg")                  # no links: no hrefs at all
+    assert "xlink:href" not in plain.read_text()
