@@ -11,7 +11,7 @@ import pytest
 def test_main_job_writes_graph_svg_and_report(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "circuits.main", "--sites", "resid.[5-7]", "--tokens", "2048", "--train-batch", "512", "--eval-tokens", "128",
-           "--ce-tokens", "64", "--prompts", "4", "--edge-prompts", "2", "--top-k", "2", "--corpus-tokens", "512",
+           "--ce-tokens", "64", "--prompts", "4", "--edge-prompts", "2", "--top-k", "5", "--corpus-tokens", "512",
            "--circuit-sites", "resid.5,resid.7", "--curve-nodes", "40", "--explain", "1",
            "--runs", str(tmp_path / "runs"), "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
