@@ -110,7 +110,8 @@ class NodeEffects:
 
     def select(self, threshold: float | None = None, top_k: int | None = None) -> dict[str, torch.Tensor]:
         """{site: bool mask shaped like its effects}: nodes with |effect| >= threshold and among
-        the top_k of their site by |effect| (both optional). Use as `edge_effects(nodes=...)`."""
+        the top_k of their site by |effect| (both optional; ties go to the lower flat index, by a
+        stable sort, so the choice is the same on every machine). Use as `edge_effects(nodes=...)`."""
         out = {}
         for s, e in self.effects.items():
             keep = torch.ones_like(e, dtype=torch.bool)
@@ -119,7 +120,8 @@ class NodeEffects:
             if top_k is not None:
                 flat = e.abs().flatten()
                 top = torch.zeros_like(flat, dtype=torch.bool)
-                top[flat.topk(min(int(top_k), flat.numel())).indices] = True
+                order = torch.sort(flat, descending=True, stable=True).indices  # ties: lower index first
+                top[order[: min(int(top_k), flat.numel())]] = True
                 keep &= top.view_as(e)
             out[s] = keep
         return out

@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="atp", choices=["atp", "ig", "ig-input"], help="node attribution method")
     p.add_argument("--corpus-tokens", type=int_at_least(1), default=16_384,
                    help="corpus tokens for top-token labels, the latent cache and dashboards")
-    p.add_argument("--explain", type=int_at_least(0), default=15,
-                   help="strongest feature nodes explained and detection-scored by the model itself (default 15; 0: none)")
+    p.add_argument("--explain", type=int_at_least(0), default=8,
+                   help="strongest feature nodes explained and detection-scored by the model itself (default 8; 0: none)")
     args = p.parse_args(argv)
     if args.circuit_sites is not None and not args.circuit_sites:
         p.error("argument --circuit-sites: no site given; name sites or globs, e.g. 'resid.5,resid.11'")

@@ -74,9 +74,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
 
     from .model_info import match_sites, peek_model, site_names
 
-    if getattr(args, "corpus", None) and not str(args.corpus).startswith("hf:") and not Path(args.corpus).exists():
+    from .prose_corpus import NAMED_SOURCES, is_corpus_name
+
+    if getattr(args, "corpus", None) and not str(args.corpus).startswith("hf:") and \
+            not is_corpus_name(str(args.corpus)) and not Path(args.corpus).exists():
         parser.error(f"argument --corpus: {args.corpus!r} does not exist (a .txt/.jsonl/.parquet file or folder, "
-                     f"or hf:NAME:split)")
+                     f"hf:NAME:split, one of {', '.join(NAMED_SOURCES)}, or mix:A[:weight],B[:weight])")
     model_arg = getattr(args, "model", None)
     if model_arg is not None and Path(model_arg).exists() and not Path(model_arg).is_dir():
         parser.error(f"argument --model: {model_arg!r} is a file; give a model directory, a hub id, or nothing "
@@ -111,7 +114,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local directory or hub id (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--corpus", default=None, help="txt/jsonl/parquet file or folder (default: embedded corpus)")
+    p.add_argument("--corpus", default=None, help="txt/jsonl/parquet file or folder, a named source (embedded, topics, "
+                   "fortunes, prose, debian) or mix:A[:weight],B[:weight] (default: embedded corpus)")
     p.add_argument("--ctx-len", type=int_at_least(2), default=128, help="tokens per context, >= 2 (default 128)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="contexts per forward (default 8)")
     p.add_argument("--device", type=device_name, default="auto", help=f"{DEVICES} (default auto)")
@@ -126,11 +130,15 @@ DEFAULTS = dict(sites="resid.*", k=32, expansion=4, tokens=131_072, optimizer="s
 
 def run_directory(model_name: str, sites: str = DEFAULTS["sites"], k: int = DEFAULTS["k"],
                   expansion: int = DEFAULTS["expansion"], tokens: int = DEFAULTS["tokens"],
-                  optimizer: str = DEFAULTS["optimizer"]):
-    """The cache directory of a `train` run with these settings (the main job's by default)."""
+                  optimizer: str = DEFAULTS["optimizer"], corpus: str | None = None):
+    """The cache directory of a `train` run with these settings (the main job's by default); a
+    corpus other than the embedded default adds its name (slugged)."""
+    import re
+
     from .io import cache_dir
 
-    return cache_dir("runs", f"{model_name}-{sites.replace('*', 'all')}-topk{k}x{expansion}-{tokens}-{optimizer}")
+    tail = "" if corpus in (None, "embedded") else "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", str(corpus))[-60:]
+    return cache_dir("runs", f"{model_name}-{sites.replace('*', 'all')}-topk{k}x{expansion}-{tokens}-{optimizer}{tail}")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -181,7 +189,7 @@ def train_and_evaluate(args: argparse.Namespace, before_training: Callable[[Any]
                       log_every=25, checkpoint_every=50, progress=not args.no_progress,
                       device="cpu" if model.device.type == "cpu" else str(model.device))
     directory = args.runs or run_directory(model.name, args.sites, args.k, args.expansion, args.tokens,
-                                           args.optimizer)
+                                           args.optimizer, args.corpus)
     print(f"dictionaries: {directory}")
     t1 = time.perf_counter()
     dicts = train_at_sites(model, corpus.train, args.sites, k=args.k, expansion=args.expansion, cfg=cfg,

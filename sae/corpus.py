@@ -11,6 +11,11 @@ Sources (`iter_texts` yields their documents in a fixed order):
   `text_field`), a `.parquet` file (column `text_field`), or a folder of these (recursive, sorted).
 - "hf:NAME[:split]" or a bare Hugging Face dataset name: `datasets.load_dataset` (optional
   dependency); NAME may be a local file or folder.
+- "topics": the prose-only part of the embedded corpus (the pydoc topics, ~0.11M tokens).
+- "fortunes": English prose with people's names, Debian's fortune cookies (~0.6M SmolLM2 tokens),
+  built once by `sae.prose_corpus.build_fortunes_corpus` (apt-get download + dpkg-deb -x).
+- "mix:A[:w],B[:w],...": the documents of the sources interleaved so that every prefix holds
+  about w_i / sum(w) of its characters from source i; "prose" is "mix:fortunes:3,topics:1".
 - "debian": the benchmark corpus of technical English from Debian's linux-doc-6.1 and
   python3.11-doc packages (~13M SmolLM2 tokens; pass max_tokens=10_000_000 for 10M), built once
   by `build_debian_corpus` (apt-get download + dpkg-deb -x, never apt-get install; needs the
@@ -41,14 +46,17 @@ import numpy as np
 import torch
 
 from sae.io import atomic_path, cache_dir
+from sae.prose_corpus import MIX_PREFIX, PROSE_MIX
 
 # Bump when the way documents are produced or tokenized changes, so stale caches are not reused.
 FORMAT_VERSION = 1
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 VALID_SOURCES = (
-    "valid sources: None or 'embedded' (built-in CPython docs and stdlib), 'debian' (Debian doc "
-    "packages), a .txt file (one document), a .jsonl file (one JSON object per line with a text "
+    "valid sources: None or 'embedded' (built-in CPython docs and stdlib), 'topics' (its prose part, "
+    "the pydoc topics), 'debian' (Debian doc packages), 'fortunes' (Debian's fortune cookies), "
+    f"'prose' ({PROSE_MIX}), 'mix:A[:weight],B[:weight]' (sources interleaved by character share), "
+    "a .txt file (one document), a .jsonl file (one JSON object per line with a text "
     "field), a .parquet file (a text column), a folder of such files, or 'hf:NAME[:split]' "
     "(a Hugging Face dataset; needs `pip install datasets`)"
 )
@@ -110,6 +118,17 @@ def iter_texts(source: str | os.PathLike | None = None, *, text_field: str = "te
 def _resolve(source: str | os.PathLike | None, text_field: str) -> _Source:
     if source is None or (isinstance(source, str) and source == "embedded"):
         return _embedded_source()
+    if isinstance(source, str) and source == "topics":
+        return _topics_source()
+    if isinstance(source, str) and source == "fortunes":
+        from sae.prose_corpus import build_fortunes_corpus
+
+        src = _path_source(build_fortunes_corpus(), text_field="text")
+        src.name, src.slug = "fortunes", "fortunes"
+        return src
+    if isinstance(source, str) and (source == "prose" or source.startswith(MIX_PREFIX)):
+        return _mix_source(PROSE_MIX if source == "prose" else source, text_field,
+                           name="prose" if source == "prose" else source)
     if isinstance(source, str) and source == "debian":
         from sae.debian_corpus import build_debian_corpus
 
@@ -147,6 +166,40 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
         files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     return root, files
+
+
+def _topics_source() -> _Source:
+    """The prose-only part of the embedded corpus: CPython's pydoc topics, sorted by key."""
+    from pydoc_data import topics as pydoc_topics
+
+    topics = pydoc_topics.topics
+
+    def texts() -> Iterator[str]:
+        for key in sorted(topics):
+            yield topics[key]
+
+    identity = {"kind": "topics", "python": sys.version, "topics": _sha(json.dumps(topics, sort_keys=True))}
+    return _Source("topics", identity, texts, n_docs=len(topics), slug="topics")
+
+
+def _mix_source(spec: str, text_field: str, name: str) -> _Source:
+    """"mix:A[:w],B[:w]": the sources' documents interleaved by character share
+    (`sae.prose_corpus.interleave`)."""
+    from sae.prose_corpus import interleave, parse_mix
+
+    try:
+        parts = parse_mix(spec)
+    except ValueError as e:
+        raise CorpusError(f"{e}. " + VALID_SOURCES) from None
+    sources = [(_resolve(part, text_field), weight) for part, weight in parts]
+
+    def texts() -> Iterator[str]:
+        return interleave([(src.texts(), weight) for src, weight in sources])
+
+    identity = {"kind": "mix", "parts": [[src.identity, weight] for src, weight in sources]}
+    n_docs = None if any(src.n_docs is None for src, _ in sources) else sum(src.n_docs for src, _ in sources)
+    slug = _slugify("mix-" + "-".join(src.slug for src, _ in sources))
+    return _Source(name, identity, texts, n_docs=n_docs, slug=slug)
 
 
 def _embedded_source() -> _Source:

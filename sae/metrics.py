@@ -38,6 +38,28 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+#: elements per partial sum of `fixed_sum`: below the 32,768 at which torch's CPU reductions split
+#: one sum across threads, so each partial sum runs in one fixed order
+_FIXED_CHUNK = 4096
+
+
+def fixed_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ of all elements of t (0-d, differentiable) in an order that does not depend on the
+    number of threads: sums of 4,096-element chunks (zero-padded), then sums of those, and so on.
+
+    A plain full `.sum()` (or `torch.dot`, `F.mse_loss(reduction="sum")`) on CPU splits large
+    inputs across threads and combines the partial sums in a thread-count-dependent order, so the
+    same float32 data gives a different last bit with 1 and 2 threads; a training loss computed so
+    makes two machines' runs drift apart from the first step."""
+    flat = t.reshape(-1)
+    while flat.numel() > _FIXED_CHUNK:
+        pad = (-flat.numel()) % _FIXED_CHUNK
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        flat = flat.view(-1, _FIXED_CHUNK).sum(-1)  # one chunk per output: each summed in one thread
+    return flat.sum()
+
+
 @torch.no_grad()
 def token_variance(x: torch.Tensor, all_reduce: AllReduce | None = None) -> torch.Tensor:
     """(1/n) Σ_b ||x_b - x̄||² over the rows of x [..., d] (of every rank's x when `all_reduce`
@@ -46,12 +68,12 @@ def token_variance(x: torch.Tensor, all_reduce: AllReduce | None = None) -> torc
     From the moments n, Σx, Σ||x||² (two fast reductions; for float32 on CPU the sums run in
     float32, elsewhere in float64), so one all_reduce of d + 2 numbers covers all ranks; when the
     mean carries over 90% of the energy that subtraction would lose digits and the centred sum
-    Σ||x - x̄||² is taken instead (one more all_reduce)."""
+    Σ||x - x̄||² is taken instead (one more all_reduce). On CPU every sum has a fixed order
+    (`fixed_sum`), so the result does not depend on the thread count."""
     x2 = _rows(x)
     fast = x2.device.type == "cpu" and x2.dtype == torch.float32
     if fast:
-        flat = x2.reshape(-1)
-        s2 = torch.dot(flat, flat).double().reshape(1)
+        s2 = fixed_sum(x2.square()).double().reshape(1)
         s1 = x2.sum(0).double()
     else:
         s2 = x2.double().pow(2).sum().reshape(1)
@@ -65,7 +87,7 @@ def token_variance(x: torch.Tensor, all_reduce: AllReduce | None = None) -> torc
     mean = s1 / n  # [d]
     m2 = s1.dot(mean)  # ||Σx||² / n
     if fast and float(m2) > _MEAN_SHARE_LIMIT * float(s2):
-        centred = (x2 - mean.to(x2.dtype)).double().pow(2).sum().reshape(1)
+        centred = fixed_sum((x2 - mean.to(x2.dtype)).double().pow(2)).reshape(1)
         if all_reduce is not None:
             centred = all_reduce(centred)
         var = centred[0] / n
@@ -76,8 +98,10 @@ def token_variance(x: torch.Tensor, all_reduce: AllReduce | None = None) -> torc
 
 def sq_err_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """(1/n) Σ_b ||x_b - x̂_b||² over the rows of x, x̂ [..., d] (0-d tensor, differentiable)."""
-    x2 = _rows(x)
-    return F.mse_loss(_rows(x_hat), x2, reduction="sum") / x2.shape[0]
+    x2, h2 = _rows(x), _rows(x_hat)
+    if x2.device.type == "cpu":  # thread-count-independent order (`fixed_sum`)
+        return fixed_sum((h2 - x2).square()) / x2.shape[0]
+    return F.mse_loss(h2, x2, reduction="sum") / x2.shape[0]
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -96,7 +120,10 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor, variance: torch.Tensor | float | N
         raise ValueError(f"fvu needs x and x_hat of the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
     if variance is None:
         variance = token_variance(x2)
-    err = F.mse_loss(h2, x2, reduction="sum")  # Σ ||x - x̂||² (fused forward and backward)
+    if x2.device.type == "cpu":  # Σ ||x - x̂||² in a thread-count-independent order (`fixed_sum`)
+        err = fixed_sum((h2 - x2).square())
+    else:
+        err = F.mse_loss(h2, x2, reduction="sum")  # fused forward and backward
     return err / (x2.shape[0] * variance)
 
 

@@ -416,3 +416,174 @@ def test_embedded_with_smollm2_tokenizer():
     assert int(corpus.train.max()) < len(smol)
     text = smol.decode(corpus.train[0])
     assert len(text) > 64  # real subword tokens: more than one character per token
+
+
+# --- prose: fortunes, topics and mixes (offline: fixture files and a fake apt-get) --------------
+
+from sae import prose_corpus as P  # noqa: E402
+
+_COOKIES = (
+    "A banker is a fellow who lends you his umbrella when the sun is shining\n"
+    "and wants it back the minute it begins to rain.\n"
+    "\t\t-- Mark Twain\n"
+    "%\n"
+    "Roses are red,\n"
+    "  Violets are blue.\n"
+    "%\n"
+    "    ____\n   /____\\ |||| ++ ##\n"
+    "%\n"
+    "_\bb_\bo_\bl_\bd words and Mary gave John a drink.\n"
+    "%\n"
+)
+
+
+def _fortune_folder(root: Path) -> Path:
+    folder = root.joinpath(*P.FORTUNE_DIR)
+    folder.mkdir(parents=True)
+    (folder / "people").write_text(_COOKIES + "Roses are red,\nViolets are blue.\n%\n")  # last one: duplicate
+    (folder / "people.dat").write_bytes(b"\x00\x00\x00\x02binary index")
+    (folder / "people.u8").symlink_to("people")
+    (folder / "computers").write_text("A computer joke that is skipped.\n%\n")
+    return folder
+
+
+def test_clean_fortune_joins_wrapped_lines_and_keeps_verse_and_attribution():
+    cookies = P.split_cookies(_COOKIES)
+    assert len(cookies) == 4
+    assert P.clean_fortune(cookies[0]) == ("A banker is a fellow who lends you his umbrella when the sun is shining "
+                                           "and wants it back the minute it begins to rain.\n-- Mark Twain")
+    assert P.clean_fortune(cookies[1]) == "Roses are red,\nViolets are blue."
+    assert P.clean_fortune(cookies[3]) == "bold words and Mary gave John a drink."  # overstrike removed
+    assert not P.is_prose(P.clean_fortune(cookies[2])) and P.is_prose("Mary gave John a drink.")
+
+
+def test_collect_fortunes_drops_art_duplicates_indexes_and_skipped_categories(tmp_path):
+    docs, stats = P.collect_fortunes(_fortune_folder(tmp_path))
+    texts = sorted(t for _, t in docs)
+    assert texts == sorted([P.clean_fortune(c) for c in P.split_cookies(_COOKIES) if "____" not in c])
+    assert [t for _, t in docs] == sorted(texts, key=lambda t: __import__("hashlib").sha256(t.encode()).hexdigest())
+    assert {s.split("/")[0] for s, _ in docs} == {"people"}
+    assert stats["categories"] == ["people"] and stats["skipped_categories"] == ["computers"]
+    assert stats["dropped_non_prose"] == 1 and stats["dropped_duplicates"] == 1
+
+
+def _fake_apt_get(bin_dir: Path, deb: Path, log: Path, fail_first: bool) -> None:
+    """An `apt-get` that logs its arguments and 'downloads' `deb` into the working directory; with
+    fail_first the first download fails until `apt-get update` has run."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "apt-get"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> "{log}"
+if [ "$1" = update ]; then touch "{log}.updated"; exit 0; fi
+if [ "$1" = download ]; then
+  if [ "{int(fail_first)}" = 1 ] && [ ! -e "{log}.updated" ]; then echo "E: no list" >&2; exit 100; fi
+  cp "{deb}" .; exit 0
+fi
+echo "fake apt-get: unexpected $*" >&2; exit 2
+""")
+    script.chmod(0o755)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_build_fortunes_corpus_with_a_fake_apt_get(tok, tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    _fortune_folder(tree)
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: fortunes\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@t>\nDescription: test\n")
+    deb = tmp_path / "fortunes_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(tree), str(deb)], check=True, capture_output=True)
+    log = tmp_path / "apt.log"
+    _fake_apt_get(tmp_path / "bin", deb, log, fail_first=True)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    out = P.build_fortunes_corpus()
+    assert out == Path(os.environ["SAE_CIRCUITS_CACHE"], "prose", P.FORTUNES_FILE)
+    assert log.read_text().split("\n")[:3] == ["download fortunes", "update", "download fortunes"]
+    docs, _ = P.collect_fortunes(tree.joinpath(*P.FORTUNE_DIR))
+    assert list(iter_texts("fortunes")) == [t for _, t in docs]
+    manifest = json.loads((out.parent / "manifest.json").read_text())
+    assert manifest["n_docs"] == 3 and manifest["skipped_categories"] == ["computers"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith("build-")]
+    log.unlink()
+    assert P.build_fortunes_corpus() == out and not log.exists()  # built once: no second download
+    corpus = load_corpus("fortunes", tok, ctx_len=4, heldout_fraction=0.0)
+    assert corpus.name == "fortunes" and len(corpus) > 0
+
+
+def test_build_fortunes_corpus_without_apt_get_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    with pytest.raises(RuntimeError, match="needs `apt-get`"):
+        P.build_fortunes_corpus(tmp_path / "out")
+
+
+def test_parse_mix_weights_and_errors():
+    assert P.parse_mix("mix:fortunes:3,topics") == [("fortunes", 3.0), ("topics", 1.0)]
+    assert P.parse_mix("mix:hf:org/name:train,a.txt:0.5") == [("hf:org/name:train", 1.0), ("a.txt", 0.5)]
+    for bad, match in [("mix:", "empty source"), ("mix:a,,b", "empty source"), ("mix:a:0", "positive"),
+                       ("mix:a:-1", "positive"), ("mix:a:inf", "positive"), ("mix:prose", "another mix")]:
+        with pytest.raises(ValueError, match=match):
+            P.parse_mix(bad)
+    assert P.is_corpus_name("prose") and P.is_corpus_name("mix:a,b") and not P.is_corpus_name("docs/")
+
+
+def test_interleave_keeps_character_shares_in_every_prefix():
+    a = ["a" * 10] * 30  # 300 characters
+    b = ["b" * 10] * 100  # 1000 characters
+    out = list(P.interleave([(a, 1.0), (b, 3.0)]))
+    assert sorted(out) == sorted(a + b)  # every document once
+    head = "".join(out[:40])
+    assert head.count("a") == 100 and head.count("b") == 300  # 1:3 while both last
+    assert "".join(out[:120]).count("a") == 300 and set(out[120:]) == {"b" * 10}  # a exhausted: b alone
+
+
+def test_mix_source_interleaves_and_caches(tok, tmp_path, tmp_cache, monkeypatch):
+    (tmp_path / "a.txt").write_text("alpha " * 50)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"beta {i} " * 10}) for i in range(20)))
+    spec = f"mix:{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'}:2"
+    expected = list(P.interleave([(iter_texts(tmp_path / "a.txt"), 1.0), (iter_texts(tmp_path / "b.jsonl"), 2.0)]))
+    assert list(iter_texts(spec)) == expected
+    assert expected[0] == "alpha " * 50 and expected[1].startswith("beta 0")
+    corpus = load_corpus(spec, tok, ctx_len=8, heldout_fraction=0.0)
+    stream = []
+    for i, text in enumerate(expected):
+        stream += ([EOS] if i else []) + _encode(tok, text)
+    assert _rows(corpus.train) == _windows(stream, 8) and corpus.name == spec
+    assert len(_cache_files(tmp_cache)) == 1
+    monkeypatch.setattr(C, "_tokenize", lambda *a, **k: pytest.fail("tokenized despite a cache hit"))
+    assert torch.equal(load_corpus(spec, tok, ctx_len=8, heldout_fraction=0.0).train, corpus.train)
+    with pytest.raises(CorpusError, match="positive number"):
+        load_corpus(f"mix:{tmp_path / 'a.txt'}:0", tok)
+
+
+def test_prose_is_fortunes_and_topics_three_to_one(tok, tmp_path, monkeypatch):
+    from pydoc_data import topics
+
+    fixture = tmp_path / "fortunes.jsonl"
+    fixture.write_text("\n".join(json.dumps({"text": f"Mary gave John drink number {i}. " * 10})
+                                  for i in range(3000)))  # ~1M characters, more than 3x the topics
+    monkeypatch.setattr(P, "build_fortunes_corpus", lambda: fixture)
+    assert list(iter_texts("topics")) == [topics.topics[k] for k in sorted(topics.topics)]
+    docs = list(iter_texts("prose"))
+    assert len(docs) == 3000 + len(topics.topics)
+    is_fortune = [d.startswith("Mary gave John") for d in docs]
+    both = docs[: max(i for i, f in enumerate(is_fortune) if f) + 1]  # until the fortunes run out
+    share = sum(len(d) for d in both if d.startswith("Mary gave John")) / sum(len(d) for d in both)
+    assert 0.7 < share < 0.8  # 3/4 of the characters, up to one topic's length
+    corpus = load_corpus("prose", tok, ctx_len=16, max_tokens=16 * 50)
+    assert corpus.name == "prose" and len(corpus) + corpus.heldout.shape[0] == 50
+
+
+def test_cli_accepts_named_corpora_and_gives_them_their_own_run_directory(tmp_path):
+    import argparse
+
+    from sae.cli import check_args, run_directory
+
+    parser = argparse.ArgumentParser()
+    for ok in ("prose", "fortunes", "topics", "mix:fortunes:3,topics:1"):
+        check_args(parser, argparse.Namespace(corpus=ok, model=None, ctx_len=8))
+    with pytest.raises(SystemExit):
+        check_args(parser, argparse.Namespace(corpus=str(tmp_path / "missing.txt"), model=None, ctx_len=8))
+    assert run_directory("m") == run_directory("m", corpus="embedded")
+    assert run_directory("m", corpus="prose").name == run_directory("m").name + "-prose"
+    assert run_directory("m", corpus="mix:fortunes:3,topics:1") != run_directory("m", corpus="prose")
