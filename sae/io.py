@@ -1,8 +1,9 @@
-"""Small file helpers shared by every writer: atomic writes, so an interrupted or failed write
-never leaves a half-written file under the final name."""
+"""Small file helpers shared by every writer and reader: atomic writes, so an interrupted or
+failed write never leaves a half-written file under the final name, and file checksums."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
@@ -31,3 +32,12 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()

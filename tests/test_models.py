@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sae import models
+from sae.io import sha256_file
 from sae.models import load_model, tiny_model
 
 
@@ -57,7 +58,7 @@ def test_corrupted_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
     directory.mkdir(parents=True)
     weights = directory / "model.safetensors"
     weights.write_bytes(b"0123456789")
-    manifest = {"gguf_size": gguf.stat().st_size, "files": {"model.safetensors": [10, models._sha256(weights)]}}
+    manifest = {"gguf_size": gguf.stat().st_size, "files": {"model.safetensors": [10, sha256_file(weights)]}}
     (directory / models._MANIFEST).write_text(json.dumps(manifest))
     assert models._default_model_dir() == directory and rebuilt == []  # intact: used
     weights.write_bytes(b"0123456780")  # same size, one byte flipped

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from sae.dictionary import Dictionary
 from sae.harvesting import as_token_batch, harvest, token_mask
-from sae.io import atomic_path
+from sae.io import atomic_path, sha256_file
 from sae.sites import resolve_sites
 
 from .examples import FeatureExamples, Window
@@ -86,12 +86,6 @@ def site_file(site: str) -> str:
     return f"site-{site}.safetensors"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dictionary_digest(d: Dictionary) -> str:
@@ -377,7 +371,7 @@ def build_latent_cache(model: Any, dictionaries: Mapping[str, Dictionary], conte
             name = site_file(site)
             with atomic_path(root / name) as tmp:
                 save_file(results[site], str(tmp))
-            manifest["files"][name] = {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name)}
+            manifest["files"][name] = {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
         manifest["n_tokens"] = n_tokens
         manifest["complete"] = True
         old = manifest["state"]
@@ -419,7 +413,7 @@ def _read_manifest(root: Path) -> dict:
 def _read_checked(root: Path, manifest: dict, name: str) -> dict[str, torch.Tensor]:
     entry = manifest["files"].get(name)
     path = root / name
-    if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+    if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
         raise CacheError(f"{path} is missing or does not match its checksum in {root / MANIFEST}; delete {root} "
                          "and rebuild the cache")
     return load_file(str(path))
@@ -450,7 +444,7 @@ def _start(root: Path, key: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict
     with atomic_path(root / CONTEXTS) as tmp:
         save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous()}, str(tmp))
     m = {"format": FORMAT, "version": VERSION, "key": wanted, "complete": False, "state": None,
-         "files": {CONTEXTS: {"bytes": (root / CONTEXTS).stat().st_size, "sha256": _sha256(root / CONTEXTS)}}}
+         "files": {CONTEXTS: {"bytes": (root / CONTEXTS).stat().st_size, "sha256": sha256_file(root / CONTEXTS)}}}
     _save_manifest(root, m)
     return m
 
@@ -462,7 +456,7 @@ def _checkpoint(root: Path, manifest: dict, states: dict, done: int, n_tokens: i
     with atomic_path(root / name) as tmp:
         save_file(flat, str(tmp))
     old = manifest["state"]
-    manifest["files"][name] = {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name)}
+    manifest["files"][name] = {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
     manifest["state"] = {"file": name, "batches": done, "n_tokens": n_tokens}
     if old:
         manifest["files"].pop(old["file"], None)
