@@ -48,8 +48,13 @@ def interpret_circuit(graph: nx.DiGraph, model: Any, dictionaries: Mapping[str, 
         train, test = split_examples(cache.examples(*key), seed=0)
         exp = explain(train, client, model.tokenizer)
         text = exp.text if exp.ok else f"(unparsed) {exp.raw.strip()[:80]}"
-        det = score_detection(exp.text, test, client, model.tokenizer).score if exp.ok else float("nan")
-        found[key] = {"explanation": text, "scores": {"detection": det},
+        det = None                    # not scored (JSON has no NaN)
+        if exp.ok:
+            try:
+                det = score_detection(exp.text, test, client, model.tokenizer).score
+            except ValueError as e:   # e.g. a feature active in every window: nothing to tell it from
+                text += f" (not scored: {str(e).split(';')[0]})"
+        found[key] = {"explanation": text, "scores": {} if det is None else {"detection": det},
                       "attrs": {"explanation": text, "detection": det}}
         graph.nodes[node].update(found[key]["attrs"])
     explanations = {k: {"explanation": v["explanation"], "scores": v["scores"]} for k, v in found.items()}

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -34,3 +35,28 @@ def test_main_job_writes_graph_svg_and_report(tmp_path):
     assert len({(n["site"], n["feature"]) for n in explained}) == 1       # --explain 1
     assert explained[0]["explanation"] in report and "| detection |" in report
     assert str(out.resolve()) in done.stdout  # the job names its output directory at the end
+
+
+def test_interpret_records_a_feature_it_cannot_score(monkeypatch, tmp_path, loud_llama, random_topk):
+    """A feature active in every window has no negatives: its explanation is kept with the reason,
+    it has no detection score, and the dashboards are still written."""
+    import networkx as nx
+
+    from circuits import interpret
+    from circuits.autointerp.explain import Explanation
+
+    graph = nx.DiGraph()
+    graph.add_node("resid.0/f3", kind="feature", site="resid.0", feature=3, effect=1.0)
+
+    def no_negatives(*args, **kwargs):
+        raise ValueError("scoring needs activating and non-activating windows, got 10 and 0; build more")
+    monkeypatch.setattr(interpret, "score_detection", no_negatives)
+    monkeypatch.setattr(interpret, "explain", lambda *a, **k: Explanation("names of people", True, "names of people"))
+    monkeypatch.setattr(interpret, "LocalClient", lambda model: None)
+    ids = torch.randint(2, 250, (8, 40), generator=torch.Generator().manual_seed(0))
+    out = interpret.interpret_circuit(graph, loud_llama, {"resid.0": random_topk}, ids, tmp_path / "dash",
+                                      cache_dir=tmp_path / "cache", n_explain=1, progress=False)
+    d = graph.nodes["resid.0/f3"]
+    assert d["explanation"].startswith("names of people (not scored: scoring needs")
+    assert d["detection"] is None and out[("resid.0", 3)]["scores"] == {}
+    assert (tmp_path / "dash" / "resid.0" / "f3.html").exists()
