@@ -125,8 +125,10 @@ class LocalClient(_Usage):
         return ids
 
     @torch.no_grad()
-    def _forward(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        """log-softmax [len_i, vocab] for each token sequence, in right-padded batches."""
+    def _forward(self, seqs: list[list[int]], *, last_only: bool = False) -> list[torch.Tensor]:
+        """log-softmax [len_i, vocab] for each token sequence, in right-padded batches; with
+        `last_only`, [1, vocab] at each sequence's last position (the unembedding and softmax
+        run only at the chunk's distinct last positions)."""
         out: list[torch.Tensor] = []
         for lo in range(0, len(seqs), self.batch_size):
             chunk = seqs[lo:lo + self.batch_size]
@@ -136,9 +138,15 @@ class LocalClient(_Usage):
             for i, s in enumerate(chunk):
                 ids[i, :len(s)] = torch.tensor(s)
                 mask[i, :len(s)] = 1
-            logits = self.hf(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # [b, n, vocab]
-            out.extend(logp[i, :len(s)] for i, s in enumerate(chunk))
+            kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+            if last_only:
+                keep = sorted({len(s) - 1 for s in chunk})
+                logits = self.hf(**kwargs, logits_to_keep=torch.tensor(keep, device=self.device)).logits
+                logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # [b, len(keep), vocab]
+                out.extend(logp[i, keep.index(len(s) - 1)][None] for i, s in enumerate(chunk))
+            else:
+                logp = torch.log_softmax(self.hf(**kwargs).logits.float(), dim=-1).cpu()  # [b, n, vocab]
+                out.extend(logp[i, :len(s)] for i, s in enumerate(chunk))
             self._count(int(mask.sum()), 0)
         return out
 
@@ -172,7 +180,8 @@ class LocalClient(_Usage):
         prompts = [self._encode(self.chat_text(m)) for m in batch]
         single = all(len(c) == 1 for c in cand_ids)
         if single:  # one forward per prompt: read the candidates off the last position
-            return [{c: float(lp[-1, ci[0]]) for c, ci in zip(cands, cand_ids)} for lp in self._forward(prompts)]
+            return [{c: float(lp[-1, ci[0]]) for c, ci in zip(cands, cand_ids)}
+                    for lp in self._forward(prompts, last_only=True)]
         seqs = [p + ci for p in prompts for ci in cand_ids]
         logps = self._forward(seqs)
         out = []

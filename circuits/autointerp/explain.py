@@ -9,8 +9,8 @@ consecutive marked tokens forming one <<span>>, as delphi's default explainer do
 integer scale a_t = ceil(10 c_t / m), clamped to 0..10, m the feature's max activation
 (OpenAI's normalisation). The client
 answers with a short phrase; `parse_explanation` takes the text after the last
-"Explanation:" marker (or the first line), strips quotes and markup, and reports an empty or
-overlong answer as `Explanation(ok=False, raw=...)`, never dropping it silently.
+"Explanation:" marker (or the first line), drops a restatement of the question and
+everything after the first sentence, strips quotes and markup, and reports an empty or overlong answer as `Explanation(ok=False, raw=...)`, never dropping it silently.
 """
 from __future__ import annotations
 
@@ -128,11 +128,20 @@ def explain_messages(windows: Sequence[Window], tokenizer: Any, *, max_act: floa
 
 
 _MARKER = re.compile(r"\[?\s*explanation\s*\]?\s*[:\-]", re.IGNORECASE)
+# A restatement of the question before the answer ("The marked tokens have in common that ...",
+# "The marked tokens have the following characteristics:"): small explainers open with it.
+_PREAMBLE = re.compile(r"^(?:the\s+)?(?:marked|highlighted)\s+tokens?\s+(?:all\s+)?(?:have|share|are)"
+                       r"(?:\s+in\s+common)?(?:\s+(?:the\s+following\s+characteristics?|that|is))?\s*[:,]?\s*",
+                       re.IGNORECASE)
+# The end of the first sentence: a period followed by a space and a capital letter.
+_SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
 
 
 def parse_explanation(raw: str) -> Explanation:
     """The explanation in a reply: text after the last 'Explanation:' marker, else the first
-    non-empty line; quotes, markdown and << >> stripped. Empty or over 200 characters -> ok=False."""
+    non-empty line, without a restatement of the question ("The marked tokens have in common
+    that") and cut after its first sentence; quotes, markdown and << >> stripped. Empty or over
+    200 characters -> ok=False."""
     if not isinstance(raw, str):
         return Explanation("", False, repr(raw))
     text = raw
@@ -140,7 +149,8 @@ def parse_explanation(raw: str) -> Explanation:
     if hits:
         text = text[hits[-1].end():]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
+    lines = [rest for ln in lines if (rest := _PREAMBLE.sub("", ln, count=1).strip())]  # a bare preamble line goes
+    text = _SENTENCE_END.split(lines[0], maxsplit=1)[0] if lines else ""
     text = text.replace("<<", "").replace(">>", "")
     text = re.sub(r"^[\s\"'`*#>\-]+|[\s\"'`*]+$", "", text).strip()
     text = text.rstrip(".").strip()
