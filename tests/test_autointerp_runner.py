@@ -153,3 +153,13 @@ def test_rerun_skips_scored_features(result):
     cols = ["family", "site", "feature", "explanation", "detection", "fuzzing", "embedding"]
     assert again[cols].fillna(-1).equals(df[cols].fillna(-1))
     assert len((out / "report" / "scores.jsonl").read_text().splitlines()) == len(df)
+
+
+def test_family_comparison_calls_small_differences_noise():
+    row = lambda m, e, n: pd.Series({"detection": m, "detection_sem": e, "detection_n": n})  # noqa: E731
+    assert "(SAE higher, n = 30 and 30)" in ab.compare_families(row(0.8, 0.02, 30), row(0.6, 0.02, 30), "detection")
+    assert "(SAE lower," in ab.compare_families(row(0.5, 0.02, 30), row(0.7, 0.02, 30), "detection")
+    # 0.05 apart with standard errors of 0.1: within 2 se = 0.28
+    line = ab.compare_families(row(0.55, 0.1, 6), row(0.5, 0.1, 6), "detection")
+    assert "difference 0.05 ± 0.14 (within noise, n = 6 and 6)" in line
+    assert "within noise" in ab.compare_families(row(0.9, float("nan"), 1), row(0.1, float("nan"), 1), "detection")

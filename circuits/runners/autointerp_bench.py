@@ -352,6 +352,17 @@ def spearman_table(df: pd.DataFrame, scorers: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["scorer_a", "scorer_b", "spearman", "n"])
 
 
+def compare_families(a: pd.Series, b: pd.Series, scorer: str) -> str:
+    """"SAE x vs neurons y: difference d ± se (verdict, n = ...)" from two `summarise` rows;
+    the verdict is "SAE higher" / "SAE lower" when |d| > 2 se, else "within noise"."""
+    d = a[scorer] - b[scorer]
+    se = math.sqrt(a[f"{scorer}_sem"] ** 2 + b[f"{scorer}_sem"] ** 2)
+    verdict = ("within noise" if math.isnan(se) or abs(d) <= 2 * se else
+               "SAE higher" if d > 0 else "SAE lower")
+    return (f"SAE {rp.fmt(a[scorer])} vs neurons {rp.fmt(b[scorer])}: difference {rp.fmt(d)} ± {rp.fmt(se, '.2g')} "
+            f"({verdict}, n = {int(a[f'{scorer}_n'])} and {int(b[f'{scorer}_n'])})")
+
+
 def _rate(seconds: pd.Series) -> str:
     m = float(seconds.mean()) if len(seconds) else math.nan
     return f"{m:.1f} s ({60 / m:.1f}/min)" if m > 0 else rp.MISSING
@@ -387,12 +398,10 @@ def markdown_report(df: pd.DataFrame) -> str:
     overall = summary[summary.layer == "all"].set_index("family")
     if {"sae", "neurons"} <= set(overall.index):
         lines += ["## SAE features vs neurons", ""]
+        lines += ["Difference of the means ± its standard error sqrt(sem_a² + sem_b²); a difference within "
+                  "two standard errors is not told apart from chance (`--features N` for more).", ""]
         for s in scorers:
-            a, b = overall.loc["sae", s], overall.loc["neurons", s]
-            verdict = "higher" if a > b else "lower" if a < b else "equal"
-            lines.append(f"- {s}: SAE {rp.fmt(a)} vs neurons {rp.fmt(b)} (SAE {verdict}, "
-                         f"difference {rp.fmt(a - b)}, n = {overall.loc['sae', f'{s}_n']} and "
-                         f"{overall.loc['neurons', f'{s}_n']})")
+            lines.append(f"- {s}: {compare_families(overall.loc['sae'], overall.loc['neurons'], s)}")
         lines.append("")
     lines += ["## Spearman correlation between scorers (all scored features)", "",
               rp.markdown_table(sp, ["scorer_a", "scorer_b", "spearman", "n"]) if len(sp) else "(one scorer only)", "",
