@@ -45,6 +45,7 @@ def test_choose_windows_spans_quantiles_without_duplicates():
     ("The marked tokens have in common that they are a list of names", "they are a list of names"),
     ("Explanation: The marked tokens have the following characteristics:\n- female first names\n- other",
      "female first names"),
+    ("The marked tokens have the following common attributes:\n\n1. **nouns**", "nouns"),
     ("Explanation: the word to. The tokens are the same as the original sentence. The", "the word to"),
     ("Explanation: version numbers e.g. 3.11 and 2.7", "version numbers e.g. 3.11 and 2.7"),
 ])
@@ -52,7 +53,8 @@ def test_parse_explanation_tolerant(raw, text):
     assert parse_explanation(raw) == Explanation(text, True, raw)
 
 
-@pytest.mark.parametrize("raw", ["", "   \n ", "Explanation:", "The marked tokens have in common:", "Explanation: " + "x" * 300, None])
+@pytest.mark.parametrize("raw", ["", "   \n ", "Explanation:", "The marked tokens have in common:",
+                                 "The marked tokens have the following similarities:", "Explanation: " + "x" * 300, None])
 def test_unparseable_explanation_is_recorded_not_dropped(raw):
     e = parse_explanation(raw)
     assert e.ok is False and e.text == "" and e.raw == (raw if isinstance(raw, str) else repr(raw))

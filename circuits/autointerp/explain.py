@@ -131,7 +131,7 @@ _MARKER = re.compile(r"\[?\s*explanation\s*\]?\s*[:\-]", re.IGNORECASE)
 # A restatement of the question before the answer ("The marked tokens have in common that ...",
 # "The marked tokens have the following characteristics:"): small explainers open with it.
 _PREAMBLE = re.compile(r"^(?:the\s+)?(?:marked|highlighted)\s+tokens?\s+(?:all\s+)?(?:have|share|are)"
-                       r"(?:\s+in\s+common)?(?:\s+(?:the\s+following\s+characteristics?|that|is))?\s*[:,]?\s*",
+                       r"(?:\s+in\s+common)?(?:\s+(?:the\s+following(?:\s+common)?\s+\w+|that|is))?\s*[:,]?\s*",
                        re.IGNORECASE)
 # The end of the first sentence: a period followed by a space and a capital letter.
 _SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
@@ -152,7 +152,7 @@ def parse_explanation(raw: str) -> Explanation:
     lines = [rest for ln in lines if (rest := _PREAMBLE.sub("", ln, count=1).strip())]  # a bare preamble line goes
     text = _SENTENCE_END.split(lines[0], maxsplit=1)[0] if lines else ""
     text = text.replace("<<", "").replace(">>", "")
-    text = re.sub(r"^[\s\"'`*#>\-]+|[\s\"'`*]+$", "", text).strip()
+    text = re.sub(r"^(?:[\s\"'`*#>\-]|\d+[.)]\s)+|[\s\"'`*]+$", "", text).strip()   # quotes, markup, "1. "
     text = text.rstrip(".").strip()
     if not text or len(text) > MAX_CHARS or _MARKER.fullmatch(text + ":"):
         return Explanation("", False, raw)
