@@ -49,6 +49,14 @@ Gradients are TOTAL effects: the splice passes the upstream gradient through eve
 unchanged (see `interventions.spliced`), so grad_c m = W_dec grad_x m and grad_e m = grad_x m.
 The error node's effect is (grad_e m . delta e) summed over d_model.
 
+Mean reference (counterfactual="mean"): instead of a counterfactual prompt, every node's
+reference value is its mean clean value at its position over all the examples (padding left
+out; `interventions.means.token_mean(per_position=True)`, the state that `circuits.evaluate`'s
+mean ablation sets), IE(a) = m(clean | do(a := mean a)) - m(clean): the nodes ranked by what
+mean-ablating them costs, as the faithfulness of a circuit is measured (Marks et al. §3). The
+input nodes' reference is then the mean token embedding at each position; m(cf) is m with every
+spliced site set to its mean.
+
 Positions: per_position=True keeps one node per (feature, position) -> effects [pos, n + 1];
 per_position=False (Marks et al.'s aggregation="sum") sums over positions -> [n + 1]; for
 "exact" that node is the feature at every position at once (the intervention whose first-order
@@ -69,6 +77,7 @@ from interventions.spliced import check_dictionaries, run_spliced, token_batch
 from sae.baselines import IdentityDictionary
 
 METHODS = ("atp", "ig", "ig-input", "exact")
+MEAN = "mean"         # counterfactual=MEAN: every node's reference is its per-position mean clean value
 INPUT_SITE = "embed"  # the token embedding entering block 0; spliced with the identity if not given
 
 
@@ -164,10 +173,18 @@ def metric_caller(metric: Any) -> Callable[[torch.Tensor, int, slice], torch.Ten
     return call
 
 
+def is_mean(counterfactual: Any) -> bool:
+    """Whether `counterfactual` asks for the per-position mean reference."""
+    return isinstance(counterfactual, str) and counterfactual == MEAN
+
+
 def token_pair(model: Any, clean: Any, counterfactual: Any, attention_mask: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(clean ids, cf ids [batch, pos], position mask [batch, pos] bool), checked to match."""
+    """(clean ids, cf ids [batch, pos], position mask [batch, pos] bool), checked to match
+    (counterfactual=MEAN: the clean ids stand in for the cf ids)."""
     ids, mask = token_batch(model, clean, attention_mask)
+    if is_mean(counterfactual):
+        return ids, ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     cf_ids, cf_mask = token_batch(model, counterfactual, attention_mask)
     if ids.shape != cf_ids.shape:
         raise ValueError(f"clean and counterfactual inputs must have the same shape [batch, pos], got "
@@ -212,6 +229,45 @@ def example_chunks(n: int, batch_size: int | None) -> list[slice]:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     step = n if batch_size is None else int(batch_size)
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+@dataclass
+class Reference:
+    """Node reference values of a batch: codes [b, pos, n] and errors [b, pos, d] per site."""
+
+    codes: dict[str, torch.Tensor]
+    errors: dict[str, torch.Tensor]
+
+
+def mean_reference(model: Any, dicts: Mapping[str, Any], ids: torch.Tensor, mask: torch.Tensor,
+                   batch_size: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{site: (codes [pos, n], errors [pos, d])}: per-position means of the clean values over
+    all examples' real tokens (`token_mean`), in chunks of batch_size examples."""
+    sums: dict[str, list] = {}
+    count = torch.zeros(ids.shape[1], dtype=torch.float64, device=ids.device)
+    with torch.no_grad():
+        for rows in example_chunks(ids.shape[0], batch_size):
+            run = run_spliced(model, dicts, ids[rows], mask[rows].long())
+            w = mask[rows].to(count.dtype)
+            count += w.sum(0)
+            for s in dicts:
+                acc = sums.setdefault(s, [0.0, 0.0])
+                for i, x in enumerate((run.codes[s], run.errors[s])):
+                    acc[i] = acc[i] + (x.double() * w[..., None].to(x.device)).sum(0)    # [pos, width]
+    denom = count.clamp_min(1)[:, None]
+    return {s: tuple((t / denom.to(t.device)).to(run.codes[s].dtype) for t in sums[s]) for s in dicts}
+
+
+def reference_run(model: Any, dicts: Mapping[str, Any], cf_ids: torch.Tensor, mask: torch.Tensor,
+                  means: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+    """The nodes' reference values for one chunk: the counterfactual run, or the means expanded
+    to the chunk's batch."""
+    if means is None:
+        with torch.no_grad():
+            return run_spliced(model, dicts, cf_ids, mask.long())
+    b = cf_ids.shape[0]
+    return Reference(codes={s: c.expand(b, *c.shape) for s, (c, _) in means.items()},
+                     errors={s: e.expand(b, *e.shape) for s, (_, e) in means.items()})
 
 
 def nodes_of(dc: torch.Tensor, de: torch.Tensor, delta_c: torch.Tensor, delta_e: torch.Tensor) -> torch.Tensor:
@@ -351,20 +407,34 @@ def _exact(model, dicts, ids, mask, call, rows, clean, cf, m0, per_position, max
     return out
 
 
-def _exact_inputs(model, dicts, ids, cf_ids, mask, call, rows, m0, max_rows) -> torch.Tensor:
-    """[b, pos]: m(clean with the token at pos swapped to cf's) - m(clean)."""
+def _patch_positions(positions: list[int], c1: torch.Tensor, e1: torch.Tensor):
+    """Edit: block k of the repeated batch sets the whole site at position positions[k] to its
+    reference value (c1 [b, p, n], e1 [b, p, d])."""
+    k = len(positions)
+
+    def edit(codes, error):
+        C, E = codes.view(k, -1, *codes.shape[1:]).clone(), error.view(k, -1, *error.shape[1:]).clone()
+        for i, q in enumerate(positions):
+            C[i, :, q], E[i, :, q] = c1[:, q], e1[:, q]
+        return C.reshape(codes.shape), E.reshape(error.shape)
+    return edit
+
+
+def _exact_inputs(model, dicts, mask, call, rows, ids, clean, cf, m0, max_rows) -> torch.Tensor:
+    """[b, pos]: m(clean with the input at pos set to its reference) - m(clean): for a token
+    counterfactual, the token swapped to the cf's."""
     b, p = ids.shape
     eff = torch.zeros(b, p, dtype=m0.dtype, device=m0.device)
-    positions = ((ids != cf_ids) & mask).any(0).nonzero()[:, 0].tolist()
+    c0, e0, c1, e1 = clean.codes[INPUT_SITE], clean.errors[INPUT_SITE], cf.codes[INPUT_SITE], cf.errors[INPUT_SITE]
+    differs = ((c1 != c0).any(-1) | (e1 != e0).any(-1)) & mask
+    positions = differs.any(0).nonzero()[:, 0].tolist()
     per_block = max(1, max_rows // b)
-    any_site = {s: dicts[s] for s in list(dicts)[:1]}
+    embed = {INPUT_SITE: dicts[INPUT_SITE]}
     for i in range(0, len(positions), per_block):
         chunk = positions[i:i + per_block]
-        swapped = ids.repeat(len(chunk), 1).view(len(chunk), b, p).clone()
-        for k, q in enumerate(chunk):
-            swapped[k, :, q] = cf_ids[:, q]
         with torch.no_grad():
-            run = run_spliced(model, any_site, swapped.view(-1, p), mask.repeat(len(chunk), 1).long())
+            run = run_spliced(model, embed, ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1).long(),
+                              edits={INPUT_SITE: _patch_positions(chunk, c1, e1)})
             m = call(run.logits, b, rows) - m0
         for q, mk in zip(chunk, m):
             eff[:, q] = mk
@@ -378,7 +448,8 @@ def node_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counte
                  batch_size: int | None = None, max_rows: int = 256) -> NodeEffects:
     """Indirect effects of every feature and error node at every spliced site (module docstring).
 
-    clean, counterfactual: token ids [batch, pos] (or `model.tokenize` dicts) of the same shape.
+    clean, counterfactual: token ids [batch, pos] (or `model.tokenize` dicts) of the same shape;
+    counterfactual=MEAN ("mean") for the per-position mean reference (module docstring).
     metric: logits [batch, pos, vocab] -> [batch]; when batch_size splits the examples, a metric
     of two arguments is called as metric(logits, rows) with rows the examples' slice (e.g.
     `lambda lg, rows: logit_diff(lg, dataset[rows])`).
@@ -395,6 +466,7 @@ def node_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counte
     dicts, pseudo = with_input_site(model, dictionaries)
     sites = [s for s in dicts if not (pseudo and s == INPUT_SITE)]
     n_all, p = ids_all.shape
+    means = mean_reference(model, dicts, ids_all, mask_all, batch_size) if is_mean(counterfactual) else None
     sums = {s: 0.0 for s in sites}
     stats: dict[str, list] = {s: [0.0, 0.0] for s in sites}
     inputs, m_clean, m_cf = 0.0, [], []
@@ -406,9 +478,14 @@ def node_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counte
         if method == "atp":
             backward_metric(m0)
         m0 = m0.detach()
+        cf = reference_run(model, dicts, cf_ids, mask, means)
         with torch.no_grad():
-            cf = run_spliced(model, dicts, cf_ids, mask.long())
-            m1 = call(cf.logits, b, rows)[0]
+            if means is None:
+                m1 = call(cf.logits, b, rows)[0]
+            else:  # every spliced site at its mean
+                edits = {s: (lambda c, e, s=s: (cf.codes[s].reshape(c.shape), cf.errors[s].reshape(e.shape)))
+                         for s in dicts}
+                m1 = call(run_spliced(model, dicts, ids, mask.long(), edits=edits).logits, b, rows)[0]
         if method == "atp":
             per_ex = _atp(dicts, clean, cf)
         elif method == "ig":
@@ -420,7 +497,7 @@ def node_effects(model: Any, dictionaries: Mapping[str, Any], clean: Any, counte
             per_ex = _exact(model, run_dicts, ids, mask, call, rows, clean, cf, m0, per_position, max_rows)
         with torch.no_grad():
             if method == "exact":
-                inputs = inputs + _exact_inputs(model, dicts, ids, cf_ids, mask, call, rows, m0, max_rows).sum(0)
+                inputs = inputs + _exact_inputs(model, dicts, mask, call, rows, ids, clean, cf, m0, max_rows).sum(0)
             else:
                 inputs = inputs + (per_ex[INPUT_SITE].sum(-1) * mask).sum(0)
             for s in sites:

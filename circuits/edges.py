@@ -60,8 +60,8 @@ import torch
 
 from interventions.spliced import dictionary_tensor, run_spliced
 
-from .attribution import (INPUT_SITE, backward_metric, example_chunks, grad_or_zero, metric_caller, nodes_of, token_pair,
-                          with_input_site)
+from .attribution import (INPUT_SITE, backward_metric, example_chunks, grad_or_zero, is_mean, mean_reference,
+                          metric_caller, nodes_of, reference_run, token_pair, with_input_site)
 
 METRIC = "metric"
 
@@ -324,7 +324,7 @@ def _vjp(outs, leaves, cots, V):
         return got, V
 
 
-def _edge_chunk(model, dicts, pseudo, ids, cf_ids, mask, call, rows, nodes, per_position, skip_inactive,
+def _edge_chunk(model, dicts, pseudo, ids, cf_ids, mask, means, call, rows, nodes, per_position, skip_inactive,
                 rows_per_backward):
     """Edges of one chunk of examples. rows_per_backward=None: the unbatched reference."""
     b, p = ids.shape
@@ -333,8 +333,7 @@ def _edge_chunk(model, dicts, pseudo, ids, cf_ids, mask, call, rows, nodes, per_
     backward_metric(call(clean.logits, b, rows)[0])
     left_c = {s: grad_or_zero(clean.codes[s]).detach() for s in dicts}
     left_e = {s: grad_or_zero(clean.errors[s]).detach() for s in dicts}
-    with torch.no_grad():
-        cf = run_spliced(model, dicts, cf_ids, mask.long())
+    cf = reference_run(model, dicts, cf_ids, mask, means)
     col = _Collector(dicts, pseudo, order, clean, cf, mask, per_position)
     queue = _queue(dicts, clean, mask, nodes, per_position, skip_inactive)
     main = _Graph(model, dicts, order, ids, mask, call, rows, logits=True)
@@ -418,6 +417,7 @@ def _run(model, dictionaries, clean, counterfactual, metric, nodes, per_position
     ids_all, cf_all, mask_all = token_pair(model, clean, counterfactual, attention_mask)
     dicts, pseudo = with_input_site(model, dictionaries)
     n_all, p = ids_all.shape
+    means = mean_reference(model, dicts, ids_all, mask_all, batch_size) if is_mean(counterfactual) else None
     sizes = {s: d.n_latents + 1 for s, d in dicts.items() if not (pseudo and s == INPUT_SITE)}
     parts: dict[tuple[str, str], list] = {}
     from_input: dict[str, torch.Tensor] = {}
@@ -426,7 +426,7 @@ def _run(model, dictionaries, clean, counterfactual, metric, nodes, per_position
     backwards = 0
     with _frozen(dicts):
         for rows in example_chunks(n_all, batch_size):
-            col, bw = _edge_chunk(model, dicts, pseudo, ids_all[rows], cf_all[rows], mask_all[rows], call, rows,
+            col, bw = _edge_chunk(model, dicts, pseudo, ids_all[rows], cf_all[rows], mask_all[rows], means, call, rows,
                                   nodes, per_position, skip_inactive, rows_per_backward)
             backwards += bw
             for key, val in col.parts.items():

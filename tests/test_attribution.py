@@ -213,3 +213,50 @@ def test_bad_inputs_raise_clear_errors(gpt2_64):
         node_effects(gpt2_64, dicts, ids, cf, "logit_diff")
     with pytest.raises(ValueError, match="d_in=16"):
         node_effects(gpt2_64, {"resid.0": TopKSAE(16, 32, k=4)}, ids, cf, metric)
+
+
+# --- the per-position mean reference --------------------------------------------------------------
+def test_mean_reference_effects_are_exact_mean_ablations(gpt2_64):
+    """counterfactual="mean": exact effects equal circuits.evaluate's single-node mean ablations,
+    IG is complete at the last residual site. (On an affine model every mean-reference effect
+    averages to 0 over the examples, so there is no linear-model check.)"""
+    from circuits.evaluate import ablation_effects
+    from interventions.means import token_mean
+    from interventions.spliced import run_spliced
+
+    dicts = topk_dicts(["resid.0", "mlp.1", "resid.1"])
+    ids, _ = pair(batch=3, pos=5)
+    exact = node_effects(gpt2_64, dicts, ids, "mean", metric, method="exact", per_position=True)
+    nodes = ["resid.0/f3@1", "mlp.1/f7@4", "resid.1/f0@2", "resid.1/err@3", "mlp.1/err@0"]
+    ablated = ablation_effects(gpt2_64, dicts, ids, metric, nodes, ablation="mean")
+    run = run_spliced(gpt2_64, dicts, ids)
+    for name, want in ablated.items():
+        site, rest = name.split("/")
+        node, q = rest.split("@")
+        j = dicts[site].n_latents if node == "err" else int(node[1:])
+        assert exact.effects[site][int(q), j] == pytest.approx(want, rel=1e-6, abs=1e-9), name
+    assert ablated.abs().max() > 1e-4
+    # the reference is the per-position mean clean value: AtP's delta at a code is mean - clean
+    c = run.codes["resid.1"]
+    assert exact.activation["resid.1"][:, :-1] == pytest.approx(token_mean(c, per_position=True), abs=1e-9)
+    ig = node_effects(gpt2_64, dicts, ids, "mean", metric, method="ig", steps=20, per_position=True)
+    assert ig.total("resid.1") == pytest.approx(ig.delta_metric, rel=0.02)   # m(resid.1 := mean) - m(clean)
+    assert abs(ig.delta_metric) > 1e-3
+    # input nodes: the token embedding at each position set to its mean over the examples
+    assert ig.inputs.abs().max() > 0 and corr(ig.inputs, exact.inputs) >= 0.9
+
+
+def test_mean_reference_edges_use_mean_deltas(gpt2_64):
+    """Edge weights with the mean reference equal those with an explicit counterfactual whose
+    every site already sits at the mean: checked through the node effects they sum to."""
+    from circuits.edges import edge_effects
+
+    dicts = topk_dicts(["resid.0", "resid.1"])
+    ids, _ = pair(batch=3, pos=5)
+    nodes = node_effects(gpt2_64, dicts, ids, "mean", metric, method="atp", per_position=True)
+    edges = edge_effects(gpt2_64, dicts, ids, "mean", metric, per_position=True)
+    # resid.0 -> resid.1 plus resid.0 -> metric is resid.0's total AtP effect (every path crosses
+    # resid.1 or goes straight to the metric): the edges carry the same mean deltas
+    w = edges.weights[("resid.0", "resid.1")].to_dense()          # [p, n1+1, p, n0+1]
+    into = w.sum((0, 1)) + edges.to_metric["resid.0"]
+    torch.testing.assert_close(into, nodes.effects["resid.0"], rtol=1e-6, atol=1e-9)

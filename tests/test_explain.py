@@ -54,7 +54,7 @@ def test_parse_explanation_tolerant(raw, text):
 
 
 @pytest.mark.parametrize("raw", ["", "   \n ", "Explanation:", "The marked tokens have in common:",
-                                 "The marked tokens have the following similarities:", "Explanation: " + "x" * 300, None])
+                                 "The marked tokens have the following similarities:", "Explanation: 1.", "Explanation: " + "x" * 300, None])
 def test_unparseable_explanation_is_recorded_not_dropped(raw):
     e = parse_explanation(raw)
     assert e.ok is False and e.text == "" and e.raw == (raw if isinstance(raw, str) else repr(raw))

@@ -141,7 +141,7 @@ def parse_explanation(raw: str) -> Explanation:
     """The explanation in a reply: text after the last 'Explanation:' marker, else the first
     non-empty line, without a restatement of the question ("The marked tokens have in common
     that") and cut after its first sentence; quotes, markdown and << >> stripped. Empty or over
-    200 characters -> ok=False."""
+    200 characters or without a word of two letters ("1") -> ok=False."""
     if not isinstance(raw, str):
         return Explanation("", False, repr(raw))
     text = raw
@@ -154,7 +154,7 @@ def parse_explanation(raw: str) -> Explanation:
     text = text.replace("<<", "").replace(">>", "")
     text = re.sub(r"^(?:[\s\"'`*#>\-]|\d+[.)]\s)+|[\s\"'`*]+$", "", text).strip()   # quotes, markup, "1. "
     text = text.rstrip(".").strip()
-    if not text or len(text) > MAX_CHARS or _MARKER.fullmatch(text + ":"):
+    if not re.search(r"[^\W\d_]{2}", text) or len(text) > MAX_CHARS or _MARKER.fullmatch(text + ":"):
         return Explanation("", False, raw)
     return Explanation(text, True, raw)
 
