@@ -320,6 +320,29 @@ def test_workers_write_the_same_files(setup, tmp_path):
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
 
 
+def _parallel_op(_):
+    return float(torch.randn(4_000_000).exp().sum() > 0)
+
+
+def test_forked_workers_survive_the_parents_openmp_pool():
+    """A forked child whose first torch op runs a parallel region waits forever on the parent's
+    OpenMP threads unless it drops to one thread first (seen: the 2,304-page benchmark hung)."""
+    import multiprocessing as mp
+
+    from circuits.dashboards.render import _init_worker
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform (workers are spawned)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(4_000_000).exp().sum()              # the parent's OpenMP pool is up
+        with mp.get_context("fork").Pool(2, initializer=_init_worker, initargs=(None,)) as pool:
+            assert pool.map_async(_parallel_op, range(2)).get(timeout=60) == [1.0, 1.0]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_without_model_or_dictionary(setup, tmp_path):
     model, d, cache = setup
     pages = render_dashboards(None, None, cache, tmp_path, site="resid.1", tokenizer=model.tokenizer, progress=False)

@@ -60,6 +60,15 @@ def _init(state: dict[str, Any] | None) -> None:
         _STATE = state
 
 
+def _init_worker(state: dict[str, Any] | None) -> None:
+    """A worker process: one torch thread (OpenMP's pool does not survive fork: a forked child's
+    first parallel region would wait forever on the parent's threads), then the state."""
+    import torch
+
+    torch.set_num_threads(1)
+    _init(state)
+
+
 def _one(job: tuple) -> tuple[list, list[tuple[str, str]]]:
     """One feature: (its index row, [(file path, text)] to write)."""
     f, logits, align, expl = job
@@ -175,7 +184,7 @@ def render_dashboards(model: Any, dictionary: Any, cache: Any, out_dir: str | os
                 ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
                 _init(state)
                 init = None if ctx.get_start_method() == "fork" else state
-                with ctx.Pool(workers, initializer=_init, initargs=(init,)) as pool:
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(init,)) as pool:
                     for result in pool.imap(_one, jobs, chunksize=8):
                         done(result)
         finally:
