@@ -47,7 +47,7 @@ def interpret_circuit(graph: nx.DiGraph, model: Any, dictionaries: Mapping[str, 
             continue
         train, test = split_examples(cache.examples(*key), seed=0)
         exp = explain(train, client, model.tokenizer)
-        text = exp.text if exp.ok else f"(unparsed) {exp.raw.strip()[:80]}"
+        text = exp.text if exp.ok else f"(unparsed) {' '.join(exp.raw.split())[:80]}"   # one line
         det = None                    # not scored (JSON has no NaN)
         if exp.ok:
             try:

@@ -191,7 +191,8 @@ def write_report(out: Path, model, ioi, nodes, graph, rendered, table, curve, ti
             if kind != "feature":
                 return ""
             det = d.get("detection")
-            return (f" {d.get('explanation', '-')} | " + (f"{det:.2f}" if det is not None and det == det else "-")
+            text = str(d.get("explanation", "-")).replace("|", "\\|")   # a | would split the table cell
+            return (f" {text} | " + (f"{det:.2f}" if det is not None and det == det else "-")
                     + " |")
         return [f"| `{v}` | {eff:+.3f} | {', '.join(map(repr, d.get('top_tokens') or [])) or '-'} |{interp(d)}"
                 for eff, v, d in sorted(found, key=lambda item: -abs(item[0]))[:n]]

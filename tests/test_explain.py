@@ -46,6 +46,7 @@ def test_choose_windows_spans_quantiles_without_duplicates():
     ("Explanation: The marked tokens have the following characteristics:\n- female first names\n- other",
      "female first names"),
     ("The marked tokens have the following common attributes:\n\n1. **nouns**", "nouns"),
+    ("The marked tokens have the following common features:\n1.   The tokens are marked", "The tokens are marked"),
     ("Explanation: the word to. The tokens are the same as the original sentence. The", "the word to"),
     ("Explanation: version numbers e.g. 3.11 and 2.7", "version numbers e.g. 3.11 and 2.7"),
 ])

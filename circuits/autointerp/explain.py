@@ -148,11 +148,12 @@ def parse_explanation(raw: str) -> Explanation:
     hits = list(_MARKER.finditer(text))
     if hits:
         text = text[hits[-1].end():]
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lead = re.compile(r"^(?:[\s\"'`*#>\-]|\d+[.)]\s)+")        # quotes, markup, list markers ("1. ")
+    lines = [lead.sub("", ln).strip() for ln in text.strip().splitlines()]
     lines = [rest for ln in lines if (rest := _PREAMBLE.sub("", ln, count=1).strip())]  # a bare preamble line goes
     text = _SENTENCE_END.split(lines[0], maxsplit=1)[0] if lines else ""
     text = text.replace("<<", "").replace(">>", "")
-    text = re.sub(r"^(?:[\s\"'`*#>\-]|\d+[.)]\s)+|[\s\"'`*]+$", "", text).strip()   # quotes, markup, "1. "
+    text = re.sub(r"[\s\"'`*]+$", "", lead.sub("", text)).strip()
     text = text.rstrip(".").strip()
     if not re.search(r"[^\W\d_]{2}", text) or len(text) > MAX_CHARS or _MARKER.fullmatch(text + ":"):
         return Explanation("", False, raw)
