@@ -135,9 +135,9 @@ def run_directory(model_name: str, sites: str = DEFAULTS["sites"], k: int = DEFA
     corpus other than the embedded default adds its name (slugged)."""
     import re
 
-    from .io import cache_dir
+    from .io import cache_dir, slug
 
-    tail = "" if corpus in (None, "embedded") else "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", str(corpus))[-60:]
+    tail = "" if corpus in (None, "embedded") else "-" + slug(corpus)
     return cache_dir("runs", f"{model_name}-{sites.replace('*', 'all').replace(',', '+')}-topk{k}x{expansion}-{tokens}-{optimizer}{tail}")
 
 

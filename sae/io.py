@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +25,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def slug(text: object, limit: int = 60) -> str:
+    """`text` as a file-name part: runs of characters other than letters, digits, _ . - become
+    "_", and only the last `limit` characters are kept (the distinctive end of a path)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[-limit:]
 
 
 def cache_dir(*parts: str) -> Path:

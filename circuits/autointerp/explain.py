@@ -10,7 +10,8 @@ integer scale a_t = ceil(10 c_t / m), clamped to 0..10, m the feature's max acti
 (OpenAI's normalisation). The client
 answers with a short phrase; `parse_explanation` takes the text after the last
 "Explanation:" marker (or the first line), drops a restatement of the question and
-everything after the first sentence, strips quotes and markup, and reports an empty or overlong answer as `Explanation(ok=False, raw=...)`, never dropping it silently.
+everything after the first sentence, strips quotes and markup, and reports an empty or overlong
+answer as `Explanation(ok=False, raw=...)`, never dropping it silently.
 """
 from __future__ import annotations
 
@@ -133,6 +134,8 @@ _MARKER = re.compile(r"\[?\s*explanation\s*\]?\s*[:\-]", re.IGNORECASE)
 _PREAMBLE = re.compile(r"^(?:the\s+)?(?:marked|highlighted)\s+tokens?\s+(?:all\s+)?(?:have|share|are)"
                        r"(?:\s+in\s+common)?(?:\s+(?:the\s+following(?:\s+common)?\s+\w+|that|is))?\s*[:,]?\s*",
                        re.IGNORECASE)
+# Leading quotes, markup and list markers ("1. ") of a line.
+_LEAD = re.compile(r"^(?:[\s\"'`*#>\-]|\d+[.)]\s)+")
 # The end of the first sentence: a period followed by a space and a capital letter.
 _SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
 
@@ -148,12 +151,11 @@ def parse_explanation(raw: str) -> Explanation:
     hits = list(_MARKER.finditer(text))
     if hits:
         text = text[hits[-1].end():]
-    lead = re.compile(r"^(?:[\s\"'`*#>\-]|\d+[.)]\s)+")        # quotes, markup, list markers ("1. ")
-    lines = [lead.sub("", ln).strip() for ln in text.strip().splitlines()]
+    lines = [_LEAD.sub("", ln).strip() for ln in text.strip().splitlines()]
     lines = [rest for ln in lines if (rest := _PREAMBLE.sub("", ln, count=1).strip())]  # a bare preamble line goes
     text = _SENTENCE_END.split(lines[0], maxsplit=1)[0] if lines else ""
     text = text.replace("<<", "").replace(">>", "")
-    text = re.sub(r"[\s\"'`*]+$", "", lead.sub("", text)).strip()
+    text = re.sub(r"[\s\"'`*]+$", "", _LEAD.sub("", text)).strip()
     text = text.rstrip(".").strip()
     if not re.search(r"[^\W\d_]{2}", text) or len(text) > MAX_CHARS or _MARKER.fullmatch(text + ":"):
         return Explanation("", False, raw)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 import traceback
@@ -44,6 +43,7 @@ import pandas as pd
 
 from interventions.runners import log
 from interventions.runners import report as rp
+from sae.io import slug
 
 VERDICTS = ("reproduced", "not reproduced", "partly")
 CTX_LEN = 128
@@ -158,10 +158,6 @@ def load_benchmark_corpus(model: Any, s: Settings) -> Any:
                        heldout_fraction=n_held / (n_train + n_held), max_positions=model.max_positions)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[-60:]
-
-
 def shared_sae_dir(model: Any, s: Settings) -> Path:
     """The run directory of the shared SAEs: the README main job's run on this corpus (`sae.cli
     run_directory(..., corpus=s.corpus)`) when it is complete at every shared site with this k and
@@ -177,7 +173,7 @@ def shared_sae_dir(model: Any, s: Settings) -> Path:
         if load_run(main, sites) is not None:
             return main
     return cache_dir("runs", f"{model.name}-reproduce-{'+'.join(sites)}-topk{s.k}x{s.expansion}-{s.sae_tokens}-"
-                             f"{_slug(s.corpus)}")
+                             f"{slug(s.corpus)}")
 
 
 def families_for(model: Any, sites: list[str], names: Sequence[str], s: Settings, corpus: Any,
@@ -208,11 +204,6 @@ def _family_notes(info: Mapping[str, Any], s: Settings) -> list[str]:
 def _demote(markdown: str, levels: int = 2) -> str:
     """Headings pushed `levels` deeper, so a runner's own report nests under its section heading."""
     return "\n".join(("#" * levels + line) if line.startswith("#") else line for line in markdown.splitlines())
-
-
-def _n(value: Any, spec: str = ".3g") -> str:
-    """A number as the report tables print it (`report.fmt`), so claims quote table cells exactly."""
-    return rp.fmt(value, spec)
 
 
 def _tally(wins: int, losses: int) -> str:
@@ -247,7 +238,7 @@ def ioi_claims(summary: pd.DataFrame, kl_levels: Sequence[float]) -> list[Claim]
                 a, b = (math.inf if math.isnan(v) else v for v in (sae, other))
                 wins, losses, ties = wins + (a < b), losses + (a > b), ties + (a == b)
             quoted.append(f"{site} KL<={round(100 * lvl)}%: " + ", ".join(
-                f"{fam} {_n(by.loc[fam, col], 'd')}" for fam in ("sae", *IOI_BASELINES) if fam in by.index))
+                f"{fam} {rp.fmt(by.loc[fam, col], 'd')}" for fam in ("sae", *IOI_BASELINES) if fam in by.index))
     verdict = _tally(wins, losses)
     return [Claim(
         text="SAE features isolate the IOI counterfactual behaviour with fewer patched features than PCA, ICA "
@@ -315,7 +306,7 @@ def erasure_claims(summary: pd.DataFrame, accuracy_level: float) -> list[Claim]:
                 if math.isinf(a) and math.isinf(o):
                     continue
                 wins, losses = wins + (a < o), losses + (a >= o)
-            quoted.append(f"{site}: " + ", ".join(f"{m} {_n(by[m])}" for m in ("sae", *present)))
+            quoted.append(f"{site}: " + ", ".join(f"{m} {rp.fmt(by[m])}" for m in ("sae", *present)))
         out.append(Claim(
             text=f"SAE-feature erasure of gendered-pronoun prediction disturbs the model less (KL on neutral text) "
                  f"than {label}",
@@ -418,7 +409,7 @@ def attribution_claims(table: pd.DataFrame) -> list[Claim]:
         verdict = "reproduced"
     else:
         verdict = "partly" if wins > losses else "not reproduced"
-    quoted = "; ".join(f"{site}: ig {_n(r['ig'])}, atp {_n(r['atp'])}" for (_, site), r in by.items())
+    quoted = "; ".join(f"{site}: ig {rp.fmt(r['ig'])}, atp {rp.fmt(r['atp'])}" for (_, site), r in by.items())
     return [Claim(
         text="Integrated gradients track exact activation-patching effects of SAE feature nodes better than "
              "attribution patching, most of all at early layers",
@@ -572,12 +563,12 @@ def layer_claims(df: pd.DataFrame) -> list[Claim]:
         cos, rand = float(resid.decoder_mean_cos.mean()), float(resid.decoder_random_mean_cos.mean())
         verdict = ("reproduced" if cos >= 0.5 and cos - rand >= 0.3 else
                    "partly" if cos - rand >= 0.1 else "not reproduced")
-        pairs = "; ".join(f"{r.site_a}→{r.site_b} {_n(r.decoder_mean_cos)}" for r in resid.itertuples())
+        pairs = "; ".join(f"{r.site_a}→{r.site_b} {rp.fmt(r.decoder_mean_cos)}" for r in resid.itertuples())
         out.append(Claim(
             text="SAEs at adjacent residual-stream layers learn highly similar features",
             paper="Paulo et al. 2024 (arXiv 2410.13928 v1 abstract): SAEs trained on nearby residual-stream layers "
                   "are highly similar (shown there through their explanations)",
-            ours=f"Hungarian-matched decoder cosine {pairs}; mean {_n(cos)} vs {_n(rand)} for random directions "
+            ours=f"Hungarian-matched decoder cosine {pairs}; mean {rp.fmt(cos)} vs {rp.fmt(rand)} for random directions "
                  "(rule: reproduced when the mean is >= 0.5 and >= 0.3 above random; partly when >= 0.1 above)",
             verdict=verdict))
     if len(resid) and len(mlp):
@@ -592,8 +583,8 @@ def layer_claims(df: pd.DataFrame) -> list[Claim]:
             text="Adjacent residual SAEs are more alike than adjacent MLP-output SAEs",
             paper="our control, not a claim of Paulo et al.: the residual stream carries most of layer L into "
                   "L+1, an MLP output is each layer's own computation",
-            ours=f"mean matched decoder cosine resid {_n(float(r[common].mean()) if common else math.nan)} vs mlp "
-                 f"{_n(float(m[common].mean()) if common else math.nan)}; resid higher at {above} of {len(common)} "
+            ours=f"mean matched decoder cosine resid {rp.fmt(float(r[common].mean()) if common else math.nan)} vs mlp "
+                 f"{rp.fmt(float(m[common].mean()) if common else math.nan)}; resid higher at {above} of {len(common)} "
                  "layer pairs (rule: reproduced when higher at every pair; partly when higher on average)",
             verdict=verdict))
     return out
@@ -615,7 +606,7 @@ def layer_section(model: Any, out_dir: str | Path, *, quick: bool = False, progr
     sites = [f"{kind}.{l}" for kind in kinds for l in sorted(set(s.layers))]
     corpus = load_benchmark_corpus(model, replace(s, sae_tokens=s.layer_sae_tokens))
     sae_dir = cache_dir("runs", f"{model.name}-reproduce-{'+'.join(sites)}-topk{s.k}x{s.expansion}-"
-                                f"{s.layer_sae_tokens}-{_slug(s.corpus)}")
+                                f"{s.layer_sae_tokens}-{slug(s.corpus)}")
     df = run_layer_similarity(model, None, layers=s.layers, kinds=kinds, explain_features=0,
                               sae_tokens=s.layer_sae_tokens, k=s.k, expansion=s.expansion, sae_dir=sae_dir,
                               baseline_tokens=s.baseline_tokens, seed=s.seed, out_dir=out_dir, corpus=corpus,
